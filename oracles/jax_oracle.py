@@ -1,0 +1,42 @@
+"""The JAX oracle: all heads at once with `einsum`, masking inside `jax.nn.softmax(where=)`.
+
+Written independently of the NumPy oracle. Runs eagerly: each primitive is compiled once
+per shape and cached by JAX, which is faster than re-tracing a jitted function for every
+new Hypothesis shape.
+"""
+
+from __future__ import annotations
+
+import math
+
+from oracles.backends import get
+
+get("jax")  # raises BackendUnavailable (a clean skip) when JAX is not installed
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+
+def attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int) -> jax.Array:
+    """GPT-2 causal self-attention sublayer: [..., n_seq, n_embd] -> [..., n_seq, n_embd]."""
+    *batch, n_seq, n_embd = x.shape
+    head_dim = n_embd // n_head
+    qkv = jnp.matmul(x, c_attn_w) + c_attn_b  # [..., n_seq, 3*n_embd]
+    qkv = qkv.reshape(*batch, n_seq, 3, n_head, head_dim)  # [..., n_seq, 3, n_head, head_dim]
+    q, k, v = (qkv[..., i, :, :] for i in range(3))  # 3 x [..., n_seq, n_head, head_dim]
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(head_dim)  # [..., n_head, q, k]
+    causal = jnp.arange(n_seq)[:, None] >= jnp.arange(n_seq)[None, :]  # [q, k]
+    weights = jax.nn.softmax(scores, axis=-1, where=causal)  # masked entries -> exactly 0
+    out = jnp.einsum("...hqk,...khd->...qhd", weights, v)  # [..., n_seq, n_head, head_dim]
+    out = out.reshape(*batch, n_seq, n_embd)  # merge heads
+    return jnp.matmul(out, c_proj_w) + c_proj_b  # [..., n_seq, n_embd]
+
+
+def layer_norm(x, g, b, eps: float = 1e-5) -> jax.Array:
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps) * g + b
+
+
+def block(x, ln_g, ln_b, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int, eps: float = 1e-5):
+    """Pre-LN residual attention: x + attn(ln_1(x))."""
+    return x + attention(layer_norm(x, ln_g, ln_b, eps), c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)

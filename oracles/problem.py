@@ -1,0 +1,83 @@
+"""`AttentionProblem`: the inputs of one GPT-2 attention sublayer, in float64 NumPy.
+
+Every oracle, rewrite, strategy and counterexample speaks this one format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS = ("c_attn_w", "c_attn_b", "c_proj_w", "c_proj_b")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionProblem:
+    x: np.ndarray  # [..., n_seq, n_embd]
+    c_attn_w: np.ndarray  # [n_embd, 3*n_embd]  (q, k, v side by side; y = x @ W + b)
+    c_attn_b: np.ndarray  # [3*n_embd]
+    c_proj_w: np.ndarray  # [n_embd, n_embd]
+    c_proj_b: np.ndarray  # [n_embd]
+    n_head: int
+    label: str = field(default="synthetic")  # where it came from, e.g. "gpt2 layer 3"
+
+    def __post_init__(self) -> None:
+        n_embd = self.x.shape[-1] if self.x.ndim >= 2 else -1
+        expected = {
+            "x": (self.x.ndim >= 2, "[..., n_seq, n_embd]"),
+            "c_attn_w": (self.c_attn_w.shape == (n_embd, 3 * n_embd), f"[{n_embd}, {3 * n_embd}]"),
+            "c_attn_b": (self.c_attn_b.shape == (3 * n_embd,), f"[{3 * n_embd}]"),
+            "c_proj_w": (self.c_proj_w.shape == (n_embd, n_embd), f"[{n_embd}, {n_embd}]"),
+            "c_proj_b": (self.c_proj_b.shape == (n_embd,), f"[{n_embd}]"),
+        }
+        for name, (ok, shape) in expected.items():
+            if not ok:
+                raise ValueError(f"{name} has shape {list(getattr(self, name).shape)}, expected {shape}")
+        if self.n_head < 1 or n_embd % self.n_head:
+            raise ValueError(f"n_head={self.n_head} does not divide n_embd={n_embd}")
+
+    @property
+    def n_seq(self) -> int:
+        return self.x.shape[-2]
+
+    @property
+    def n_embd(self) -> int:
+        return self.x.shape[-1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def arrays(self) -> tuple[np.ndarray, ...]:
+        """(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b): the oracle's positional arrays."""
+        return (self.x, self.c_attn_w, self.c_attn_b, self.c_proj_w, self.c_proj_b)
+
+    def describe(self) -> str:
+        batch = list(self.x.shape[:-2])
+        return (
+            f"{self.label}: batch={batch} n_seq={self.n_seq} n_embd={self.n_embd} "
+            f"n_head={self.n_head} head_dim={self.head_dim} max|x|={np.abs(self.x).max():.3g}"
+        )
+
+    def save(self, path: str | Path, **extra: np.ndarray | str) -> Path:
+        """Write the problem (plus any `extra` arrays or strings) to an .npz file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = dict(zip(("x", *WEIGHTS), self.arrays(), strict=True))
+        np.savez_compressed(path, n_head=self.n_head, label=self.label, **arrays, **extra)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> AttentionProblem:
+        """Read a problem written by `save` (e.g. a counterexample)."""
+        with np.load(path) as f:
+            missing = [k for k in ("x", *WEIGHTS, "n_head") if k not in f]
+            if missing:
+                raise ValueError(f"{path}: not an attention problem, missing {', '.join(missing)}")
+            return cls(
+                *(np.asarray(f[k], np.float64) for k in ("x", *WEIGHTS)),
+                n_head=int(f["n_head"]),
+                label=str(f["label"]) if "label" in f else "loaded",
+            )

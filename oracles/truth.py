@@ -1,0 +1,206 @@
+"""The float64 ground truth, and the error bound that every computation is judged by.
+
+`ground_truth(problem)` computes GPT-2 attention in float64 (all heads batched, a
+log-sum-exp softmax) and keeps every intermediate. `Truth.bound(dtype)` then derives, from
+those exact-enough intermediates, an elementwise first-order bound on how far a *correct*
+computation of the same formula in `dtype` may land from the exact result. It is a
+running-error analysis (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3),
+propagated stage by stage:
+
+* a stored value v is rounded with |error| <= u|v|, or flushed to zero when |v| < tiny
+  (JAX flushes subnormals), so storing costs `u|v| + flush(v)`;
+* an inner product of length n accumulated in precision `ua` (any summation order,
+  FMA or not) errs by at most gamma(n) |A||B|, gamma(n) = n ua / (1 - n ua);
+* softmax is shift-invariant, so the error of the row max cancels; what remains is each
+  logit's own error, the rounding of z - max, `exp` (EXP_ULPS ulp), the row sum
+  (gamma(n)) and the division (u);
+* errors already present propagate through each product as eA|B| + |A|eB.
+
+u is the unit roundoff of the storage dtype. float16 and bfloat16 products and sums are
+accumulated in float32 on all three backends (checked by `properties/test_bounds.py`),
+so for them ua is float32's. The bound is worst case: it holds for any summation order
+and any correct kernel, so real errors sit one to three orders of magnitude below it.
+Where a true intermediate does not fit the dtype's range, the bound is +inf: no correct
+computation in that dtype exists, and the input says nothing about a rewrite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from oracles.problem import AttentionProblem
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
+TINY = {"float64": 2.0**-1022, "float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-126}
+MAX = {"float64": 1.7976931348623157e308, "float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
+EXP_ULPS = 2  # vectorised exp (SLEEF, XLA, glibc) is accurate to <= 2 ulp = 4u
+SQRT_ULPS = 1  # sqrt is correctly rounded; rsqrt approximations are within 1 ulp = 2u
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The rounding model of one dtype: storage roundoff, accumulation roundoff, tiny, max."""
+
+    dtype: str
+
+    @property
+    def u(self) -> float:
+        return UNIT_ROUNDOFF[self.dtype]
+
+    @property
+    def ua(self) -> float:
+        return UNIT_ROUNDOFF[ACCUMULATOR[self.dtype]]
+
+    def gamma(self, n: int) -> float:
+        nu = n * self.ua
+        return nu / (1 - nu) if nu < 1 else math.inf
+
+    def flush(self, v: np.ndarray) -> np.ndarray:
+        """Error from flushing v to zero where it is below the smallest normal number."""
+        a = np.abs(v)
+        return np.where(a < TINY[self.dtype], a, 0.0)
+
+    def store(self, v: np.ndarray) -> np.ndarray:
+        """Error from storing v in this dtype."""
+        return self.u * np.abs(v) + self.flush(v)
+
+    def linear(self, A, eA, B, eB, y) -> np.ndarray:
+        """Error of y = A @ B (+ a bias already inside y), given errors eA, eB of the operands."""
+        n = A.shape[-1]
+        aA, aB = np.abs(A), np.abs(B)
+        magnitude = aA @ aB
+        if magnitude.max(initial=0.0) > 0.5 * MAX[ACCUMULATOR[self.dtype]]:
+            return np.full(y.shape, np.inf)
+        tiny_acc = n * TINY[ACCUMULATOR[self.dtype]]  # products flushed in the accumulator
+        return eA @ aB + aA @ eB + (self.gamma(n) + self.u) * magnitude + self.store(y) + tiny_acc
+
+
+def _heads(t: np.ndarray, n_head: int) -> np.ndarray:
+    """[..., n_seq, n_embd] -> [..., n_head, n_seq, head_dim]"""
+    *batch, n_seq, n_embd = t.shape
+    return np.swapaxes(t.reshape(*batch, n_seq, n_head, n_embd // n_head), -2, -3)
+
+
+def _merge(t: np.ndarray) -> np.ndarray:
+    """[..., n_head, n_seq, head_dim] -> [..., n_seq, n_embd]"""
+    t = np.swapaxes(t, -2, -3)
+    return t.reshape(*t.shape[:-2], -1)
+
+
+@dataclass(frozen=True, eq=False)
+class Truth:
+    """The float64 result of one problem plus what the error bound needs."""
+
+    problem: AttentionProblem
+    out: np.ndarray  # [..., n_seq, n_embd]
+    qkv: np.ndarray  # [..., n_seq, 3*n_embd]
+    z: np.ndarray  # [..., n_head, n_seq, n_seq] scaled logits, -inf above the diagonal
+    p: np.ndarray  # [..., n_head, n_seq, n_seq] attention weights
+    o: np.ndarray  # [..., n_seq, n_embd] heads merged, before c_proj
+    x_error: np.ndarray | None = None  # error already in x (e.g. from a layer norm), per dtype
+
+    def bound(self, dtype: str) -> np.ndarray:
+        """Elementwise bound on |attention computed in `dtype` - self.out|. See module doc."""
+        pr = Precision(dtype)
+        pb = self.problem
+        if max(np.abs(a).max(initial=0.0) for a in (self.qkv, self.o, self.out)) > 0.5 * MAX[dtype]:
+            return np.full(self.out.shape, np.inf)
+        x, w, b, wo, bo = pb.arrays()
+        ex = pr.flush(x) if self.x_error is None else self.x_error
+        # qkv = x @ W + b
+        bias = np.broadcast_to(b, self.qkv.shape)
+        e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv) + pr.flush(bias)
+        q, k, v = (_heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
+        eq, ek, ev = (_heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
+        # z = (q @ k.T) / sqrt(head_dim), causal mask exact
+        causal = np.tri(pb.n_seq, dtype=bool)
+        kt, ekt = np.swapaxes(k, -1, -2), np.swapaxes(ek, -1, -2)
+        z = np.where(causal, self.z, 0.0)
+        e_s = pr.linear(q, eq, kt, ekt, z * math.sqrt(pb.head_dim))
+        e_z = e_s / math.sqrt(pb.head_dim) + 2 * pr.u * np.abs(z) + pr.flush(z)
+        # softmax: t = z - max (max's own error cancels), e = exp(t), p = e / sum(e)
+        t = np.where(causal, self.z - self.z.max(axis=-1, keepdims=True), 0.0)
+        e = np.where(causal, np.exp(t), 0.0)
+        de = np.where(causal, e * (e_z + pr.u * np.abs(t) + 2 * EXP_ULPS * pr.u) + pr.flush(e), 0.0)
+        s = e.sum(axis=-1, keepdims=True)
+        ds = de.sum(axis=-1, keepdims=True) + (pr.gamma(pb.n_seq) + pr.u) * s
+        dp = de / s + self.p * ds / s + pr.store(self.p)
+        # o = p @ v, heads merged (exact), out = o @ Wo + bo
+        e_o = _merge(pr.linear(self.p, dp, v, ev, _heads(self.o, pb.n_head)))
+        bias = np.broadcast_to(bo, self.out.shape)
+        return pr.linear(self.o, e_o, wo, pr.flush(wo), self.out) + pr.flush(bias)
+
+    def tolerance(self, dtype: str) -> np.ndarray:
+        """What a `dtype` result may differ from `self.out` by: its bound plus the truth's own."""
+        return self.bound(dtype) + self.bound("float64")
+
+
+def ground_truth(problem: AttentionProblem, x_error: np.ndarray | None = None) -> Truth:
+    """Attention in float64, written independently of the three backend oracles."""
+    x, w, b, wo, bo = (np.asarray(a, np.float64) for a in problem.arrays())
+    n_seq, hd = problem.n_seq, problem.head_dim
+    qkv = x @ w + b  # [..., n_seq, 3*n_embd]
+    q, k, v = (_heads(t, problem.n_head) for t in np.split(qkv, 3, axis=-1))  # [..., H, n_seq, hd]
+    z = np.einsum("...qd,...kd->...qk", q, k) / math.sqrt(hd)  # [..., H, n_seq, n_seq]
+    z = np.where(np.tri(n_seq, dtype=bool), z, -np.inf)
+    zmax = z.max(axis=-1, keepdims=True)  # the diagonal is never masked, so finite
+    lse = zmax + np.log(np.exp(z - zmax).sum(axis=-1, keepdims=True))
+    p = np.exp(z - lse)  # [..., H, n_seq, n_seq]
+    o = _merge(p @ v)  # [..., n_seq, n_embd]
+    out = o @ wo + bo
+    return Truth(problem, out, qkv, z, p, o, x_error)
+
+
+# --- the pre-LN block x + attn(ln_1(x)) -------------------------------------------------
+
+
+def layer_norm(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float) -> np.ndarray:
+    d = x - x.mean(axis=-1, keepdims=True)
+    return g * d / np.sqrt((d * d).mean(axis=-1, keepdims=True) + eps) + b
+
+
+def layer_norm_bound(x: np.ndarray, g: np.ndarray, b: np.ndarray, eps: float, dtype: str) -> np.ndarray:
+    """Elementwise first-order bound on the error of layer_norm computed in `dtype`."""
+    pr = Precision(dtype)
+    n = x.shape[-1]
+    mu = x.mean(axis=-1, keepdims=True)
+    d = x - mu
+    var = (d * d).mean(axis=-1, keepdims=True)
+    sigma = np.sqrt(var + eps)
+    h = g * d / sigma + b
+    e_mu = (pr.gamma(n) + pr.u) * np.abs(x).mean(axis=-1, keepdims=True) + pr.flush(mu)
+    e_d = e_mu + pr.store(d)
+    e_var = 2 * (np.abs(d) * e_d).mean(axis=-1, keepdims=True) + (pr.gamma(n) + 2 * pr.u) * var
+    e_var += pr.u * (var + eps) + float(eps < TINY[dtype]) * eps  # + eps, rounded (or flushed)
+    rel_sigma = 0.5 * e_var / (var + eps) + 2 * SQRT_ULPS * pr.u
+    e_h = np.abs(g) * (e_d + np.abs(d) * rel_sigma) / sigma + 2 * pr.u * np.abs(g * d / sigma)
+    return e_h + pr.store(h)
+
+
+@dataclass(frozen=True, eq=False)
+class BlockTruth:
+    """float64 truth of x + attn(ln_1(x)), with its bound."""
+
+    x: np.ndarray
+    attn: Truth  # on h = ln_1(x) exact
+    ln_error: dict[str, np.ndarray]
+    out: np.ndarray
+
+    def bound(self, dtype: str) -> np.ndarray:
+        attn = Truth(**{**self.attn.__dict__, "x_error": self.ln_error[dtype]})
+        return attn.bound(dtype) + Precision(dtype).store(self.out)
+
+    def tolerance(self, dtype: str) -> np.ndarray:
+        return self.bound(dtype) + self.bound("float64")
+
+
+def block_ground_truth(x, ln_g, ln_b, problem: AttentionProblem, eps: float, dtypes) -> BlockTruth:
+    """Truth of the pre-LN block; `problem.x` is ignored (h = ln_1(x) takes its place)."""
+    h = layer_norm(x, ln_g, ln_b, eps)
+    attn = ground_truth(AttentionProblem(h, *problem.arrays()[1:], n_head=problem.n_head, label=problem.label))
+    errors = {dt: layer_norm_bound(x, ln_g, ln_b, eps, dt) for dt in {*dtypes, "float64"}}
+    return BlockTruth(x, attn, errors, x + attn.out)
