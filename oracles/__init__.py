@@ -1,7 +1,7 @@
 """Reference implementations of GPT-2 attention: one per backend, plus the float64 truth.
 
-    run(backend, problem, dtype) -> float64 NumPy output of that backend's oracle
-    ground_truth(problem)        -> Truth (float64 output + derived error bound)
+run(backend, problem, dtype) -> float64 NumPy output of that backend's oracle
+ground_truth(problem)        -> Truth (float64 output + derived error bound)
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from oracles import backends
 from oracles.problem import AttentionProblem
 from oracles.truth import Truth, ground_truth
 
-__all__ = ["AttentionProblem", "Truth", "ground_truth", "oracle", "run", "as_backend"]
+__all__ = ["AttentionProblem", "Truth", "as_backend", "ground_truth", "oracle", "run"]
 
 _MODULES = {"numpy": "oracles.numpy_oracle", "jax": "oracles.jax_oracle", "torch": "oracles.torch_oracle"}
 

@@ -1,4 +1,4 @@
-"""Real GPT-2 weights from Hugging Face–format safetensors, found locally and validated.
+"""Real GPT-2 weights from Hugging Face format safetensors, found locally and validated.
 
 Two files are accepted: a complete `model.safetensors` (names with or without the
 `transformer.` prefix) and the attention-only `gpt2-124M-attention.safetensors` of
@@ -149,8 +149,9 @@ def _decode(path: Path, name: str, info: dict, body: memoryview) -> np.ndarray:
     if end > len(body):
         raise WeightsError(f"{path}: tensor {name!r} is truncated (needs bytes {start}..{end}, data has {len(body)})")
     itemsize = 2 if dtype == "BF16" else np.dtype(_DTYPES[dtype]).itemsize
-    if end - start != itemsize * int(np.prod(shape)):
-        raise WeightsError(f"{path}: tensor {name!r} holds {end - start} bytes, shape {list(shape)} needs {itemsize * int(np.prod(shape))}")
+    need = itemsize * int(np.prod(shape))
+    if end - start != need:
+        raise WeightsError(f"{path}: tensor {name!r} holds {end - start} bytes, shape {list(shape)} needs {need}")
     raw = body[start:end]
     if dtype == "BF16":  # bfloat16 is the top half of a float32
         return (np.frombuffer(raw, "<u2").astype(np.uint32) << 16).view(np.float32).reshape(shape)
@@ -221,7 +222,9 @@ def candidates() -> list[Path]:
         places.append(Path(os.environ[ENV_VAR]))
     project_root = Path(__file__).resolve().parents[1]
     places += [project_root.parent / "shared" / "gpt2", Path.cwd().parent / "shared" / "gpt2"]
-    hub = Path(os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub"))
+    hub = Path(
+        os.environ.get("HF_HUB_CACHE", Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+    )
     for repo in ("models--openai-community--gpt2", "models--gpt2"):
         places += sorted((hub / repo / "snapshots").glob("*/model.safetensors"))
     return places
@@ -250,3 +253,49 @@ def load(path: str | Path | None = None) -> GPT2Weights:
     """Locate, read and validate the weights (cached per file, so tests share one copy)."""
     p = locate(path)
     return _load_cached(p.resolve() if p.exists() else p)
+
+
+def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> Path:
+    """Write float arrays as a safetensors file (used by tests to make small checkpoints)."""
+    codes = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+    header: dict[str, dict] = {"__metadata__": metadata} if metadata else {}
+    blobs, offset = [], 0
+    for name, a in tensors.items():
+        a = np.ascontiguousarray(a)
+        blob = a.astype(a.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": codes[a.dtype], "shape": list(a.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    path = Path(path)
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"".join(blobs))
+    return path
+
+
+EMBEDDING_STD = 0.1  # scale of the synthetic token embeddings standing in for wte
+
+
+def synthetic_stream(weights: GPT2Weights, n_seq: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:
+    """A residual stream entering layer 0: random token embeddings + the real position embeddings.
+
+    `wte` is not in the attention-only file, so tokens are Gaussian vectors (std 0.1);
+    positions are GPT-2's real `wpe`. [*batch, n_seq, n_embd], float64."""
+    if not 1 <= n_seq <= weights.config.n_ctx:
+        raise ValueError(f"n_seq={n_seq} outside 1..{weights.config.n_ctx} (GPT-2's context)")
+    rng = np.random.default_rng(seed)
+    tokens = rng.normal(0.0, EMBEDDING_STD, (*batch, n_seq, weights.config.n_embd))
+    return tokens + np.asarray(weights["wpe.weight"][:n_seq], np.float64)
+
+
+def attention_path(weights: GPT2Weights, x: np.ndarray, n_layers: int | None = None) -> list[np.ndarray]:
+    """The residual stream entering each layer when only attention runs: x_{i+1} = x_i + attn_i(ln_1_i(x_i)).
+
+    float64 throughout (the ground truth). Returns [x_0, ..., x_{n_layers}]."""
+    from oracles.truth import ground_truth, layer_norm
+
+    streams = [np.asarray(x, np.float64)]
+    for layer in weights.layers()[:n_layers]:
+        h = layer_norm(streams[-1], layer.ln_g, layer.ln_b, layer.eps)
+        streams.append(streams[-1] + ground_truth(layer.problem(h)).out)
+    return streams

@@ -9,8 +9,8 @@ propagated stage by stage:
 
 * a stored value v is rounded with |error| <= u|v|, or flushed to zero when |v| < tiny
   (JAX flushes subnormals), so storing costs `u|v| + flush(v)`;
-* an inner product of length n accumulated in precision `ua` (any summation order,
-  FMA or not) errs by at most gamma(n) |A||B|, gamma(n) = n ua / (1 - n ua);
+* an inner product of length n (n + 1 with a bias added in the accumulator) accumulated
+  in precision `ua` (any summation order, FMA or not) errs by at most gamma(n) |A||B|, gamma(n) = n ua / (1 - n ua);
 * softmax is shift-invariant, so the error of the row max cancels; what remains is each
   logit's own error, the rounding of z - max, `exp` (EXP_ULPS ulp), the row sum
   (gamma(n)) and the division (u);
@@ -27,7 +27,7 @@ computation in that dtype exists, and the input says nothing about a rewrite.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -35,7 +35,12 @@ from oracles.problem import AttentionProblem
 
 UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
 TINY = {"float64": 2.0**-1022, "float32": 2.0**-126, "float16": 2.0**-14, "bfloat16": 2.0**-126}
-MAX = {"float64": 1.7976931348623157e308, "float32": 3.4028234663852886e38, "float16": 65504.0, "bfloat16": 3.3895313892515355e38}
+MAX = {
+    "float64": 1.7976931348623157e308,
+    "float32": 3.4028234663852886e38,
+    "float16": 65504.0,
+    "bfloat16": 3.3895313892515355e38,
+}
 ACCUMULATOR = {"float64": "float64", "float32": "float32", "float16": "float32", "bfloat16": "float32"}
 EXP_ULPS = 2  # vectorised exp (SLEEF, XLA, glibc) is accurate to <= 2 ulp = 4u
 SQRT_ULPS = 1  # sqrt is correctly rounded; rsqrt approximations are within 1 ulp = 2u
@@ -68,11 +73,14 @@ class Precision:
         """Error from storing v in this dtype."""
         return self.u * np.abs(v) + self.flush(v)
 
-    def linear(self, A, eA, B, eB, y) -> np.ndarray:
-        """Error of y = A @ B (+ a bias already inside y), given errors eA, eB of the operands."""
-        n = A.shape[-1]
+    def linear(self, A, eA, B, eB, y, bias=None) -> np.ndarray:
+        """Error of y = A @ B + bias, given errors eA, eB of the operands.
+
+        A kernel may accumulate onto the bias (BLAS gemm with beta=1, torch.addmm), so the
+        bias is one more term of the inner product: gamma(n + 1) (|A||B| + |bias|)."""
+        n = A.shape[-1] + (bias is not None)
         aA, aB = np.abs(A), np.abs(B)
-        magnitude = aA @ aB
+        magnitude = aA @ aB + (0.0 if bias is None else np.abs(bias))
         if magnitude.max(initial=0.0) > 0.5 * MAX[ACCUMULATOR[self.dtype]]:
             return np.full(y.shape, np.inf)
         tiny_acc = n * TINY[ACCUMULATOR[self.dtype]]  # products flushed in the accumulator
@@ -101,10 +109,16 @@ class Truth:
     z: np.ndarray  # [..., n_head, n_seq, n_seq] scaled logits, -inf above the diagonal
     p: np.ndarray  # [..., n_head, n_seq, n_seq] attention weights
     o: np.ndarray  # [..., n_seq, n_embd] heads merged, before c_proj
-    x_error: np.ndarray | None = None  # error already in x (e.g. from a layer norm), per dtype
+    x_error: np.ndarray | None = None  # error already in x (e.g. from a layer norm)
+    _bounds: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def bound(self, dtype: str) -> np.ndarray:
         """Elementwise bound on |attention computed in `dtype` - self.out|. See module doc."""
+        if dtype not in self._bounds:
+            self._bounds[dtype] = self._bound(dtype)
+        return self._bounds[dtype]
+
+    def _bound(self, dtype: str) -> np.ndarray:
         pr = Precision(dtype)
         pb = self.problem
         if max(np.abs(a).max(initial=0.0) for a in (self.qkv, self.o, self.out)) > 0.5 * MAX[dtype]:
@@ -112,8 +126,7 @@ class Truth:
         x, w, b, wo, bo = pb.arrays()
         ex = pr.flush(x) if self.x_error is None else self.x_error
         # qkv = x @ W + b
-        bias = np.broadcast_to(b, self.qkv.shape)
-        e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv) + pr.flush(bias)
+        e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv, b) + pr.flush(b)
         q, k, v = (_heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
         eq, ek, ev = (_heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
         # z = (q @ k.T) / sqrt(head_dim), causal mask exact
@@ -131,8 +144,7 @@ class Truth:
         dp = de / s + self.p * ds / s + pr.store(self.p)
         # o = p @ v, heads merged (exact), out = o @ Wo + bo
         e_o = _merge(pr.linear(self.p, dp, v, ev, _heads(self.o, pb.n_head)))
-        bias = np.broadcast_to(bo, self.out.shape)
-        return pr.linear(self.o, e_o, wo, pr.flush(wo), self.out) + pr.flush(bias)
+        return pr.linear(self.o, e_o, wo, pr.flush(wo), self.out, bo) + pr.flush(bo)
 
     def tolerance(self, dtype: str) -> np.ndarray:
         """What a `dtype` result may differ from `self.out` by: its bound plus the truth's own."""
@@ -191,7 +203,7 @@ class BlockTruth:
     out: np.ndarray
 
     def bound(self, dtype: str) -> np.ndarray:
-        attn = Truth(**{**self.attn.__dict__, "x_error": self.ln_error[dtype]})
+        attn = Truth(**{**self.attn.__dict__, "x_error": self.ln_error[dtype], "_bounds": {}})
         return attn.bound(dtype) + Precision(dtype).store(self.out)
 
     def tolerance(self, dtype: str) -> np.ndarray:

@@ -1,0 +1,84 @@
+"""pytest wiring: backend x dtype parametrisation, options, Hypothesis profiles, GPT-2 weights.
+
+Options:
+    --backend NAME      only this backend (repeatable); default every installed one
+    --rewrite NAME      only this rewrite (repeatable); default the whole catalogue
+    --gpt2-weights PATH safetensors file or folder (else $GPT2_WEIGHTS, ../shared/gpt2/, HF cache)
+Hypothesis profile: $HYPOTHESIS_PROFILE = dev (default), ci (derandomised) or thorough.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from oracles import backends, gpt2
+
+_COMMON = dict(
+    deadline=None,  # first calls compile (JAX); timing belongs in benchmarks, not tests
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
+    print_blob=True,
+)
+settings.register_profile("dev", max_examples=25, **_COMMON)
+settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
+settings.register_profile("thorough", max_examples=500, **_COMMON)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("attention-rewrites")
+    group.addoption("--backend", action="append", default=[], help="only this backend (repeatable)")
+    group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
+    group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
+
+
+def _selected_backends(config: pytest.Config) -> list[str]:
+    chosen = config.getoption("backend") or list(backends.NAMES)
+    for name in chosen:
+        if name not in backends.NAMES:
+            raise pytest.UsageError(f"--backend {name!r}: choose from {', '.join(backends.NAMES)}")
+    return chosen
+
+
+def backend_params(config: pytest.Config, dtypes=backends.DTYPES) -> list:
+    """pytest params 'backend-dtype' for every selected backend and the dtypes it has;
+    a backend that is not installed appears once, skipped with the reason."""
+    params = []
+    for name in _selected_backends(config):
+        reason = backends.unavailable_reason(name)
+        if reason:
+            params.append(pytest.param(name, dtypes[0], id=f"{name}", marks=pytest.mark.skip(reason=reason)))
+            continue
+        for dtype in dtypes:
+            if dtype in backends.get(name).dtypes:
+                params.append(pytest.param(name, dtype, id=f"{name}-{dtype}"))
+    return params
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if {"backend", "dtype"} <= set(metafunc.fixturenames):
+        marker = metafunc.definition.get_closest_marker("dtypes")
+        dtypes = marker.args if marker else backends.DTYPES
+        metafunc.parametrize(("backend", "dtype"), backend_params(metafunc.config, dtypes))
+    elif "backend" in metafunc.fixturenames:
+        params = [p for p in backend_params(metafunc.config, ("float64",))]
+        metafunc.parametrize("backend", [pytest.param(p.values[0], id=p.id, marks=p.marks) for p in params])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "dtypes(*names): run this backend/dtype test only in these dtypes")
+
+
+@pytest.fixture(scope="session")
+def gpt2_weights(pytestconfig: pytest.Config) -> gpt2.GPT2Weights:
+    """The real GPT-2 weights, loaded once per session. Skipped when none are found, unless
+    a location was given explicitly (option or $GPT2_WEIGHTS): then a problem is an error."""
+    explicit = pytestconfig.getoption("gpt2_weights")
+    try:
+        return gpt2.load(explicit)
+    except gpt2.WeightsError as e:
+        if explicit or os.environ.get(gpt2.ENV_VAR):
+            raise
+        pytest.skip(str(e))

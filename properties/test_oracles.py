@@ -1,0 +1,98 @@
+"""Every oracle agrees with the float64 truth within the derived bound (oracles/truth.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import oracles
+from oracles import backends
+from oracles.truth import block_ground_truth
+from properties.checks import assert_within, matches_truth, oracle_runner, truth_for
+from properties.strategies import EXTREME, attention_problems, gpt2_problems
+
+
+@given(problem=attention_problems())
+def test_oracle_matches_truth(backend, dtype, problem):
+    matches_truth(oracle_runner(backend, dtype), problem, backend, dtype)
+
+
+@given(problem=attention_problems(x_scales=EXTREME, w_scales=EXTREME))
+def test_oracle_matches_truth_at_extreme_magnitudes(backend, dtype, problem):
+    matches_truth(oracle_runner(backend, dtype), problem, backend, dtype)
+
+
+@given(data=st.data())
+def test_oracle_matches_truth_on_real_gpt2_layers(backend, dtype, gpt2_weights, data):
+    problem = data.draw(gpt2_problems(gpt2_weights, max_seq=12), label="problem")
+    matches_truth(oracle_runner(backend, dtype), problem, backend, dtype)
+
+
+def test_oracles_keep_the_dtype(backend, dtype):
+    problem = _tiny_problem()
+    out = oracles.oracle(backend).attention(*oracles.as_backend(problem, backend, dtype), problem.n_head)
+    assert str(out.dtype).rsplit(".", 1)[-1] == dtype
+
+
+def _tiny_problem() -> oracles.AttentionProblem:
+    rng = np.random.default_rng(0)
+    e = 4
+    return oracles.AttentionProblem(
+        rng.normal(size=(2, 3, e)),
+        rng.normal(size=(e, 3 * e)),
+        rng.normal(size=3 * e),
+        rng.normal(size=(e, e)),
+        rng.normal(size=e),
+        n_head=2,
+    )
+
+
+FULL_CONTEXT = 1024
+
+
+@pytest.mark.parametrize("layer", range(12), ids=lambda i: f"layer{i}")
+def test_real_gpt2_layers_at_full_context_float32(gpt2_weights, pytestconfig, layer):
+    """All 12 real sublayers at n_seq 1024, float32, every installed backend, on the real
+    attention path's residual stream through the real ln_1."""
+    stream = _streams(gpt2_weights)[layer]
+    real = gpt2_weights.layer(layer)
+    problem = real.problem(oracles.truth.layer_norm(stream, real.ln_g, real.ln_b, real.eps))
+    ran = 0
+    for backend in pytestconfig.getoption("backend") or backends.available():
+        if backends.unavailable_reason(backend):
+            continue
+        truth = truth_for(problem, backend, "float32")
+        assert_within(oracles.run(backend, problem, "float32"), truth.out, truth.tolerance("float32"), f"{backend}")
+        ran += 1
+    assert ran, "no backend ran"
+
+
+_STREAMS: dict = {}
+
+
+def _streams(weights) -> list[np.ndarray]:
+    """The residual stream entering each layer at full context (computed once)."""
+    if "full" not in _STREAMS:
+        x0 = oracles.gpt2.synthetic_stream(weights, FULL_CONTEXT, seed=0)
+        _STREAMS["full"] = oracles.gpt2.attention_path(weights, x0, weights.config.n_layer - 1)
+    return _STREAMS["full"]
+
+
+@pytest.mark.dtypes("float64", "float32")
+@pytest.mark.parametrize("layer", [0, 5, 11], ids=lambda i: f"layer{i}")
+def test_real_gpt2_block_with_ln_1(backend, dtype, gpt2_weights, layer):
+    """The pre-LN block x + attn(ln_1(x)) of a real layer, on the attention-path stream."""
+    real = gpt2_weights.layer(layer)
+    x = oracles.gpt2.attention_path(gpt2_weights, oracles.gpt2.synthetic_stream(gpt2_weights, 64, seed=1), layer)[-1]
+    be = backends.get(backend)
+    x = be.round_trip(x, dtype)
+    weights = [
+        be.round_trip(a, dtype)
+        for a in (real.ln_g, real.ln_b, real.c_attn_w, real.c_attn_b, real.c_proj_w, real.c_proj_b)
+    ]
+    truth = block_ground_truth(x, weights[0], weights[1], real.problem(x), real.eps, [dtype])
+    args = [be.asarray(a, dtype) for a in (x, *weights)]
+    out = be.to_numpy(oracles.oracle(backend).block(*args, real.n_head, real.eps))
+    assert_within(out, truth.out, truth.tolerance(dtype), f"block of layer {layer}")

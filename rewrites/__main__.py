@@ -1,0 +1,5 @@
+import sys
+
+from rewrites.cli import main
+
+sys.exit(main())
