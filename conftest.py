@@ -32,6 +32,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", action="append", default=[], help="only this backend (repeatable)")
     group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
     group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
+    group.addoption("--examples", type=int, default=25, help="Hypothesis examples per verdict search (default 25)")
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
@@ -58,7 +59,19 @@ def backend_params(config: pytest.Config, dtypes=backends.DTYPES) -> list:
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if {"backend", "dtype"} <= set(metafunc.fixturenames):
+    if "rewrite_case" in metafunc.fixturenames:
+        from rewrites.registry import catalogue
+
+        try:
+            rewrites = catalogue(names=metafunc.config.getoption("rewrite"))
+        except ValueError as e:
+            raise pytest.UsageError(f"--rewrite: {e}") from None
+        params = []
+        for rw in rewrites:
+            for p in backend_params(metafunc.config):
+                params.append(pytest.param((rw, *p.values), id=f"{rw.name}-{p.id}", marks=p.marks))
+        metafunc.parametrize("rewrite_case", params)
+    elif {"backend", "dtype"} <= set(metafunc.fixturenames):
         marker = metafunc.definition.get_closest_marker("dtypes")
         dtypes = marker.args if marker else backends.DTYPES
         metafunc.parametrize(("backend", "dtype"), backend_params(metafunc.config, dtypes))
@@ -82,3 +95,49 @@ def gpt2_weights(pytestconfig: pytest.Config) -> gpt2.GPT2Weights:
         if explicit or os.environ.get(gpt2.ENV_VAR):
             raise
         pytest.skip(str(e))
+
+
+# --- rewrite verdicts: computed once per (rewrite, backend), shown in the terminal summary -----
+
+_VERDICTS: dict[tuple[str, str], list] = {}
+
+
+@pytest.fixture(scope="session")
+def verifier(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    from rewrites.verify import Config, Verifier
+
+    weights = pytestconfig.getoption("gpt2_weights")
+    cfg = Config(
+        examples=pytestconfig.getoption("examples"), gpt2_weights=weights, report_dir=tmp_path_factory.mktemp("report")
+    )
+    return Verifier(cfg)
+
+
+@pytest.fixture(scope="session")
+def verdicts(verifier, pytestconfig: pytest.Config):
+    """verdicts(rewrite, backend) -> its Results (Hypothesis and, when weights exist, GPT-2)."""
+    try:
+        gpt2.load(pytestconfig.getoption("gpt2_weights"))
+        with_gpt2 = True
+    except gpt2.WeightsError:
+        if pytestconfig.getoption("gpt2_weights") or os.environ.get(gpt2.ENV_VAR):
+            raise
+        with_gpt2 = False
+
+    def get(rw, backend: str) -> list:
+        key = (rw.name, backend)
+        if key not in _VERDICTS:
+            _VERDICTS[key] = verifier.verify_one(rw, [backend], gpt2_inputs=with_gpt2)
+        return _VERDICTS[key]
+
+    return get
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if not _VERDICTS:
+        return
+    from rewrites import report
+
+    results = [r for rs in _VERDICTS.values() for r in rs]
+    terminalreporter.section("rewrite verdicts")
+    terminalreporter.write_line(report.summary(results))

@@ -121,7 +121,8 @@ class Truth:
     def _bound(self, dtype: str) -> np.ndarray:
         pr = Precision(dtype)
         pb = self.problem
-        if max(np.abs(a).max(initial=0.0) for a in (self.qkv, self.o, self.out)) > 0.5 * MAX[dtype]:
+        scores = np.where(np.isfinite(self.z), np.abs(self.z), 0.0) * math.sqrt(pb.head_dim)  # q @ k.T, stored
+        if max(np.abs(a).max(initial=0.0) for a in (self.qkv, scores, self.o, self.out)) > 0.5 * MAX[dtype]:
             return np.full(self.out.shape, np.inf)
         x, w, b, wo, bo = pb.arrays()
         ex = pr.flush(x) if self.x_error is None else self.x_error

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 import numpy as np
 
 from oracles import backends, gpt2
+from rewrites.report import markdown_table
 
 
 def progress(msg: str) -> None:
     """One line of progress on stderr (the tables go to stdout)."""
     print(msg, file=sys.stderr, flush=True)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
-    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
-    return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
 def cmd_oracles(args: argparse.Namespace) -> int:
@@ -48,10 +44,88 @@ def cmd_oracles(args: argparse.Namespace) -> int:
                 rows.append([i, name, dtype, f"{err.max():.3g}", f"{tol.max():.3g}", f"{np.max(err / tol):.2g}"])
         progress(f"layer {i + 1}/{weights.config.n_layer} done ({time.perf_counter() - start:.1f}s)")
     print(f"Oracles vs float64 truth, real GPT-2 layers ({weights.path}), n_seq={args.n_seq}")
-    print(_table(["layer", "backend", "dtype", "max |error|", "max bound", "max error/bound"], rows))
+    print(markdown_table(["layer", "backend", "dtype", "max |error|", "max bound", "max error/bound"], rows))
     worst = max(float(r[-1]) for r in rows)
     print(f"\nworst error/bound: {worst:.2g} ({'all within the derived bound' if worst <= 1 else 'BOUND EXCEEDED'})")
     return 0 if worst <= 1 else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    """The catalogue with families and claims (plugins included)."""
+    from rewrites.registry import catalogue
+
+    rows = [
+        [r.name, r.family, r.claim or "-", r.output, r.source, r.load_error or r.description]
+        for r in catalogue(include_plugins=not args.no_plugins)
+    ]
+    print(markdown_table(["rewrite", "family", "claim", "output", "source", "description"], rows))
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify the catalogue and plugins on every installed backend; write the report."""
+    from pathlib import Path
+
+    from rewrites import report
+    from rewrites.registry import catalogue
+    from rewrites.verify import Config, Verifier
+
+    names = args.backend or backends.available()
+    for name in set(backends.NAMES) - set(names):
+        if not args.backend:
+            progress(f"skipping {name}: {backends.unavailable_reason(name)}")
+    rewrites = catalogue(include_plugins=not args.no_plugins, names=args.rewrite or ())
+    cfg = Config(
+        examples=args.examples,
+        gpt2_n_seq=args.gpt2_n_seq,
+        gpt2_weights=args.gpt2_weights,
+        report_dir=Path(args.report),
+        dtypes=tuple(args.dtype or backends.DTYPES),
+    )
+    verifier = Verifier(cfg, progress)
+    start = time.perf_counter()
+    progress(f"verifying {len(rewrites)} rewrites on {', '.join(names)} ({args.examples} examples a search)")
+    results = verifier.verify(rewrites, names, gpt2_inputs=not args.no_gpt2, jobs=args.jobs)
+    elapsed = time.perf_counter() - start
+    meta = {
+        "backends": names,
+        "examples": args.examples,
+        "gpt2_n_seq": None if args.no_gpt2 else args.gpt2_n_seq,
+        "seconds": round(elapsed, 1),
+        "rewrites": len(rewrites),
+    }
+    report.write(results, cfg.report_dir, meta)
+    print(report.summary(results))
+    print(f"\nreport written to {cfg.report_dir}/ (verdicts.json, verdicts.md, index.html) in {elapsed:.0f}s")
+    return 1 if report.contradictions(results) else 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Re-run a saved counterexample and show the error against the bound."""
+    import oracles
+    from properties.checks import excess
+    from rewrites.registry import catalogue
+    from rewrites.verify import RewriteFailed, load_counterexample, run_rewrite
+
+    problem, meta = load_counterexample(args.file, args.gpt2_weights)
+    rw = catalogue(names=[args.rewrite or meta["rewrite"]])[0]
+    backend, dtype = (args.backend or [meta["backend"]])[0], (args.dtype or [meta["dtype"]])[0]
+    print(problem.describe())
+    if problem.x.size <= 64:
+        print(f"x = {np.array2string(problem.x, precision=4)}")
+    truth = oracles.ground_truth(oracles.rounded(problem, backend, dtype))
+    sl = np.s_[..., -1:, :] if rw.output == "last" else np.s_[...]
+    try:
+        out = run_rewrite(rw, backend, dtype, problem)
+    except RewriteFailed as e:
+        print(f"{rw.name} on {backend} {dtype}: error: {e}")
+        return 1
+    ratio = excess(out, truth.out[sl], truth.tolerance(dtype)[sl])
+    err = np.abs(out - truth.out[sl])
+    print(f"{rw.name} on {backend} {dtype}: max |error| {np.nanmax(err):.3g}, error/bound {ratio:.3g}")
+    if out.size <= 64:
+        print(f"rewrite = {np.array2string(out, precision=4)}\ntruth   = {np.array2string(truth.out[sl], precision=4)}")
+    return 0 if ratio <= 1 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +141,27 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--n-seq", type=int, default=1024, help="tokens (default 1024, the full context)")
     p.set_defaults(run=cmd_oracles)
+
+    p = sub.add_parser("verify", help="verdict for every rewrite x backend x dtype; writes the report")
+    common(p)
+    p.add_argument("--rewrite", action="append", help="only this rewrite (repeatable)")
+    p.add_argument("--report", default="report", help="report folder (default report/)")
+    p.add_argument("--examples", type=int, default=30, help="Hypothesis examples per search (default 30)")
+    p.add_argument("--gpt2-n-seq", type=int, default=16, help="tokens per real-layer input (default 16)")
+    p.add_argument("--no-gpt2", action="store_true", help="skip the real GPT-2 layers")
+    p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
+    p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("list", help="the catalogue with families and claims")
+    p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
+    p.set_defaults(run=cmd_list)
+
+    p = sub.add_parser("replay", help="re-run a saved counterexample (.npz)")
+    common(p)
+    p.add_argument("file", help="a file from report/counterexamples/")
+    p.add_argument("--rewrite", help="another rewrite to run on it (default: the one that failed)")
+    p.set_defaults(run=cmd_replay)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Plugins: discovered through the entry-point group, verified like the catalogue, and a
+broken one reported as `error` without stopping the run.
+
+The good plugin is built from the README's own example (its pyproject.toml and module),
+so the documented example is known to work as written."""
+
+from __future__ import annotations
+
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from rewrites import registry
+from rewrites.verify import Config, Verifier
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def readme_block(marker: str) -> str:
+    """The fenced code block that follows the line containing `marker` in the README."""
+    m = re.search(re.escape(marker) + r".*?\n```\w*\n(.*?)```", README.read_text(), re.S)
+    assert m, f"README has no code block after {marker!r}"
+    return m.group(1)
+
+
+def fake_distribution(site: Path, name: str, entry_points: dict[str, str], files: dict[str, str]) -> None:
+    """What `pip install` leaves in site-packages: the modules and a .dist-info with entry points."""
+    for rel, text in files.items():
+        (site / rel).parent.mkdir(parents=True, exist_ok=True)
+        (site / rel).write_text(text)
+    info = site / f"{name.replace('-', '_')}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    eps = "".join(f"{k} = {v}\n" for k, v in entry_points.items())
+    (info / "entry_points.txt").write_text(f"[{registry.ENTRY_POINT_GROUP}]\n{eps}")
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path
+    for mod in [m for m in sys.modules if m.startswith(("my_rewrites", "broken_plugin"))]:
+        del sys.modules[mod]
+
+
+def install_readme_plugin(site: Path) -> list[str]:
+    project = tomllib.loads(readme_block("my-rewrites/pyproject.toml"))
+    eps = project["project"]["entry-points"][registry.ENTRY_POINT_GROUP]
+    fake_distribution(
+        site, project["project"]["name"], eps, {"my_rewrites.py": readme_block("my-rewrites/my_rewrites.py")}
+    )
+    return list(eps)
+
+
+def install_broken_plugins(site: Path) -> None:
+    fake_distribution(
+        site,
+        "broken-plugin",
+        {
+            "does_not_import": "broken_plugin.missing:thing",
+            "not_a_rewrite": "broken_plugin.ok:NOT_A_REWRITE",
+            "wrong_shape": "broken_plugin.ok:wrong_shape",
+            "makes_nan": "broken_plugin.ok:makes_nan",
+        },
+        {
+            "broken_plugin/__init__.py": "",
+            "broken_plugin/missing.py": "raise ImportError('no module named flash_attn_9000')\n",
+            "broken_plugin/ok.py": (
+                "from rewrites import rewrite\n"
+                "NOT_A_REWRITE = 42\n"
+                "@rewrite(family='plugin', claim='equivalent')\n"
+                "def wrong_shape(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):\n"
+                "    '''Forgets the c_proj.'''\n"
+                "    return x @ c_attn_w\n"
+                "@rewrite(family='plugin', claim='equivalent')\n"
+                "def makes_nan(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):\n"
+                "    '''Divides by zero.'''\n"
+                "    return x * 0.0 / 0.0\n"
+            ),
+        },
+    )
+
+
+def test_readme_plugin_is_discovered_and_verified(site, tmp_path):
+    names = install_readme_plugin(site)
+    found = {r.name: r for r in registry.plugins()}
+    assert set(names) <= set(found)
+    plugin = found[names[0]]
+    assert plugin.source == "plugin my-rewrites" and plugin.load_error is None
+    assert registry.catalogue(names=names)[0] is not None  # selectable like a built-in
+    results = Verifier(Config(examples=15, report_dir=tmp_path / "report")).verify(
+        [plugin], ["numpy"], gpt2_inputs=False
+    )
+    assert {r.verdict for r in results} <= {"bitwise", "equivalent", "unstable"}
+    assert all(r.claim_holds for r in results), [(r.dtype, r.verdict) for r in results]
+
+
+def test_faulty_plugins_give_error_verdicts_and_the_run_goes_on(site, tmp_path):
+    install_broken_plugins(site)
+    install_readme_plugin(site)
+    plugins = {r.name: r for r in registry.plugins()}
+    assert "ImportError: no module named flash_attn_9000" in plugins["does_not_import"].load_error
+    assert "int, not a rewrites.Rewrite" in plugins["not_a_rewrite"].load_error
+    catalogue = [*registry.catalogue(include_plugins=False, names=["batched_heads"]), *plugins.values()]
+    results = Verifier(Config(examples=10, report_dir=tmp_path / "r")).verify(catalogue, ["numpy"], gpt2_inputs=False)
+    by = {(r.rewrite, r.dtype): r for r in results}
+    for name in ("does_not_import", "not_a_rewrite", "wrong_shape", "makes_nan"):
+        assert by[(name, "float32")].verdict == "error", name
+    assert by[("does_not_import", "float32")].claim is None  # nothing claimed, nothing contradicted
+    assert not by[("wrong_shape", "float32")].claim_holds  # claimed equivalent, could not run
+    assert (
+        "returned shape [1, 3], expected [1, 1] (full output)"
+        in by[("wrong_shape", "float32")].counterexample["message"]
+    )
+    assert "NaN or inf on moderate float64 inputs" in by[("makes_nan", "float32")].counterexample["message"]
+    # the rest of the run went on: the built-in and the good plugin have real verdicts
+    assert by[("batched_heads", "float32")].verdict in ("bitwise", "equivalent")
+    assert by[("my_exp_normalise_by_reciprocal", "float32")].verdict in ("bitwise", "equivalent")
+
+
+def test_a_plugin_cannot_take_a_built_in_name(site):
+    fake_distribution(
+        site,
+        "shadow",
+        {"batched_heads": "shadow_mod:batched_heads"},
+        {"shadow_mod.py": "from rewrites.catalogue.heads import batched_heads\n"},
+    )
+    clash = [r for r in registry.catalogue() if r.source == "plugin shadow"]
+    assert clash and "already taken by built-in" in clash[0].load_error

@@ -1,0 +1,10 @@
+"""The built-in catalogue, one module per family. Each rewrite is written as a user would
+write it: a plain function with the oracle's signature, decorated with its claim."""
+
+from rewrites.catalogue import heads, kv_cache, last_token, masks, mutants, projections, scale, softmax
+from rewrites.registry import Rewrite
+
+FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, mutants)
+CATALOGUE: tuple[Rewrite, ...] = tuple(
+    obj for family in FAMILIES for obj in vars(family).values() if isinstance(obj, Rewrite)
+)

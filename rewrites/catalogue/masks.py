@@ -1,0 +1,53 @@
+"""Ways to write the causal mask."""
+
+import math
+
+from rewrites.common import causal, heads_qkv, project_out, softmax
+from rewrites.registry import rewrite
+
+
+def _scores(x, c_attn_w, c_attn_b, n_head):
+    """Unmasked scaled scores [..., H, n, n], plus xp, v and the [n, n] causal mask."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return xp, q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1]), v, causal(xp, q.shape[-2])
+
+
+@rewrite(family="masks", claim="equivalent")
+def mask_additive_neg_inf(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """scores + M with M = 0 on and below the diagonal, -inf above."""
+    xp, z, v, allowed = _scores(x, c_attn_w, c_attn_b, n_head)
+    bias = xp.where(allowed, xp.zeros_like(z[..., :1, :1]), -math.inf)  # [n, n] in z's dtype
+    return project_out(xp, softmax(xp, z + bias) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="masks", claim="equivalent")
+def mask_pico_minus_1e10(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """picoGPT's additive (1 - tri) * -1e10 (in float16 -1e10 is -inf, and 0 * -inf is NaN)."""
+    xp, z, v, allowed = _scores(x, c_attn_w, c_attn_b, n_head)
+    tri = xp.astype(allowed, z.dtype)
+    return project_out(xp, softmax(xp, z + (1 - tri) * -1e10) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="masks", claim="equivalent")
+def mask_finfo_min(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Masked scores set to the dtype's most negative finite number."""
+    xp, z, v, allowed = _scores(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, softmax(xp, xp.where(allowed, z, xp.finfo(z.dtype).min)) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="masks", claim="equivalent")
+def mask_where_neg_inf(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """where(allowed, scores, -inf)."""
+    xp, z, v, allowed = _scores(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, softmax(xp, xp.where(allowed, z, -math.inf)) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="masks", claim="equivalent")
+def lower_triangle_only(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Compute only the scores a query may see: row i against keys 0..i, no mask at all."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    rows = []
+    for i in range(q.shape[-2]):
+        z = q[..., i : i + 1, :] @ xp.matrix_transpose(k[..., : i + 1, :]) / math.sqrt(q.shape[-1])  # [..., H, 1, i+1]
+        rows.append(softmax(xp, z) @ v[..., : i + 1, :])
+    return project_out(xp, xp.concat(rows, axis=-2), c_proj_w, c_proj_b)

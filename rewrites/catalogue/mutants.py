@@ -1,0 +1,124 @@
+"""Known-broken mutants: plausible bugs the verifier must catch, each with a counterexample."""
+
+import math
+
+from rewrites.catalogue.kv_cache import decode_step
+from rewrites.common import (
+    array_namespace,
+    causal,
+    heads_qkv,
+    linear,
+    logits,
+    project_out,
+    softmax,
+    split_heads,
+    split_qkv,
+)
+from rewrites.registry import rewrite
+
+
+def _attend(xp, q, k, v, allowed, scale, c_proj_w, c_proj_b, axis=-1):
+    z = xp.where(allowed, q @ xp.matrix_transpose(k) * scale, -math.inf)
+    e = xp.exp(z - xp.max(z, axis=axis, keepdims=True))
+    return project_out(xp, e / xp.sum(e, axis=axis, keepdims=True) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def no_causal_mask(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Forgets the mask: every token sees the future."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, softmax(xp, q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def mask_off_by_one(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Mask shifted by one: each query also sees the next token."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    n = q.shape[-2]
+    return _attend(xp, q, k, v, causal(xp, n, n, offset=1), 1 / math.sqrt(q.shape[-1]), c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def softmax_wrong_axis(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Normalises over queries (axis -2) instead of keys."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    n = q.shape[-2]
+    return _attend(xp, q, k, v, causal(xp, n), 1 / math.sqrt(q.shape[-1]), c_proj_w, c_proj_b, axis=-2)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def scale_sqrt_n_embd(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Scale 1/sqrt(n_embd) instead of 1/sqrt(head_dim)."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return _attend(xp, q, k, v, causal(xp, q.shape[-2]), 1 / math.sqrt(x.shape[-1]), c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def scale_one_over_head_dim(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Scale 1/head_dim instead of 1/sqrt(head_dim)."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return _attend(xp, q, k, v, causal(xp, q.shape[-2]), 1 / q.shape[-1], c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def heads_merged_wrong_order(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Merges heads as [head_dim, n_head] instead of [n_head, head_dim] before c_proj."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    o = softmax(xp, logits(xp, q, k)) @ v  # [..., H, n, hd]
+    nb = o.ndim - 3
+    o = xp.permute_dims(o, (*range(nb), nb + 1, nb + 2, nb))  # [..., n, hd, H]: head index varies fastest
+    return linear(xp.reshape(o, (*o.shape[:-2], x.shape[-1])), c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def value_bias_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Projects values without their bias (the query and key biases are kept)."""
+    xp = array_namespace(x)
+    e = x.shape[-1]
+    bias = xp.concat([c_attn_b[: 2 * e], xp.zeros_like(c_attn_b[2 * e :])])
+    xp, q, k, v = heads_qkv(x, c_attn_w, bias, n_head)
+    return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def linear_attention_elu(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Linear attention: softmax replaced by the feature map elu(x) + 1 (Katharopoulos et al.)."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    phi = lambda t: xp.where(t > 0, t + 1, xp.exp(xp.minimum(t, 0.0)))
+    a = xp.where(causal(xp, q.shape[-2]), phi(q) @ xp.matrix_transpose(phi(k)), 0.0)
+    return project_out(xp, a / xp.sum(a, axis=-1, keepdims=True) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent", output="last")
+def last_token_wrong_row(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Last-token-only, but takes the query of the first token instead of the last."""
+    xp, _, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    q, _, _ = split_qkv(xp, linear(x[..., :1, :], c_attn_w, c_attn_b))
+    q = split_heads(xp, q, n_head)
+    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def kv_cache_missing_current_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """KV cache appended after attending, so a token never sees itself (token 0 is special-cased)."""
+    xp, cache, steps = array_namespace(x), {}, []
+    for t in range(x.shape[-2]):
+        x_t = x[..., t : t + 1, :]
+        if t == 0:  # nothing cached yet: fall back to the correct step
+            steps.append(decode_step(xp, x_t, cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head))
+            continue
+        q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(x_t, c_attn_w, c_attn_b)))
+        z = q @ xp.matrix_transpose(cache["k"]) / math.sqrt(q.shape[-1])
+        steps.append(project_out(xp, softmax(xp, z) @ cache["v"], c_proj_w, c_proj_b))
+        cache["k"], cache["v"] = xp.concat([cache["k"], k], axis=-2), xp.concat([cache["v"], v], axis=-2)
+    return xp.concat(steps, axis=-2)
+
+
+@rewrite(family="mutant", claim="unstable")
+def mask_minus_1e4(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Additive mask of -1e4 (safe in float16's range): with logits near 1e4 the future leaks back in."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    z = z + (1 - xp.astype(causal(xp, q.shape[-2]), z.dtype)) * -1e4
+    return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)

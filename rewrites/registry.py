@@ -1,0 +1,112 @@
+"""The one registry: built-in rewrites plus plugins found through the entry-point group
+`attention_rewrites`. This is the only place plugins are discovered.
+
+A rewrite is a candidate GPT-2 attention sublayer with the oracle's signature
+
+    fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head) -> array
+
+written once against the array API (`xp = array_namespace(x)`), so it runs on NumPy,
+JAX and PyTorch. A plugin package declares
+
+    [project.entry-points.attention_rewrites]
+    my_rewrite = "my_package.module:my_rewrite"
+
+where the object is a `Rewrite` (or a list of them).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+Claim = Literal["bitwise", "equivalent", "unstable", "inequivalent"]
+CLAIMS: tuple[str, ...] = ("bitwise", "equivalent", "unstable", "inequivalent")
+ENTRY_POINT_GROUP = "attention_rewrites"
+
+
+@dataclass(frozen=True)
+class Rewrite:
+    """One candidate, as the catalogue lists and the verifier checks it."""
+
+    name: str
+    description: str  # one line
+    family: str  # e.g. "softmax", "heads", "mutant"
+    fn: Callable | None  # the portable (array API) implementation
+    output: Literal["full", "last"] = "full"  # `last`: returns [..., 1, n_embd], the last token's row
+    claim: Claim | None = None
+    backends: Mapping[str, Callable] = field(default_factory=dict)  # per-backend overrides of fn
+    source: str = "built-in"  # "built-in" or "plugin <distribution>"
+    load_error: str | None = None  # set when a plugin could not be loaded
+
+    def __post_init__(self) -> None:
+        if self.claim is not None and self.claim not in CLAIMS:
+            raise ValueError(f"rewrite {self.name!r}: claim {self.claim!r} is not one of {', '.join(CLAIMS)}")
+        if self.output not in ("full", "last"):
+            raise ValueError(f"rewrite {self.name!r}: output {self.output!r} is not 'full' or 'last'")
+
+    def implementation(self, backend: str) -> Callable | None:
+        return self.backends.get(backend, self.fn)
+
+
+def rewrite(
+    *, family: str, claim: Claim | None = None, output: Literal["full", "last"] = "full", name: str | None = None
+) -> Callable[[Callable], Rewrite]:
+    """Decorator: turn an attention function into a `Rewrite` named after it, described by
+    the first line of its docstring."""
+
+    def wrap(fn: Callable) -> Rewrite:
+        doc = (fn.__doc__ or "").strip().splitlines()
+        return Rewrite(name or fn.__name__, doc[0] if doc else "", family, fn, output, claim)
+
+    return wrap
+
+
+def builtin() -> list[Rewrite]:
+    """The built-in catalogue, in a stable order (family by family)."""
+    from rewrites.catalogue import CATALOGUE
+
+    return list(CATALOGUE)
+
+
+def _from_entry_point(ep: importlib.metadata.EntryPoint) -> list[Rewrite]:
+    dist = ep.dist.name if ep.dist else "?"
+    source = f"plugin {dist}"
+    try:
+        obj = ep.load()
+        items = [obj] if isinstance(obj, Rewrite) else list(obj) if isinstance(obj, Iterable) else [obj]
+        bad = [i for i in items if not isinstance(i, Rewrite)]
+        if bad or not items:
+            raise TypeError(f"{ep.value} is {type(bad[0] if bad else obj).__name__}, not a rewrites.Rewrite")
+    except Exception as e:  # a broken plugin is reported, never fatal
+        msg = f"plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}"
+        return [Rewrite(ep.name, "could not be loaded", "plugin", None, source=source, load_error=msg)]
+    return [Rewrite(**{**r.__dict__, "source": source}) for r in items]
+
+
+def plugins() -> list[Rewrite]:
+    """Every rewrite registered by an installed package under `attention_rewrites`."""
+    found: list[Rewrite] = []
+    for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        found += _from_entry_point(ep)
+    return found
+
+
+def catalogue(include_plugins: bool = True, names: Iterable[str] = ()) -> list[Rewrite]:
+    """Built-ins then plugins, optionally only those called `names` (unknown names raise)."""
+    everything = builtin() + (plugins() if include_plugins else [])
+    seen: dict[str, Rewrite] = {}
+    for r in everything:
+        if r.name in seen:
+            r = Rewrite(**{**r.__dict__, "load_error": f"name {r.name!r} is already taken by {seen[r.name].source}"})
+            seen[f"{r.name} ({r.source})"] = r
+        else:
+            seen[r.name] = r
+    wanted = list(names)
+    if not wanted:
+        return list(seen.values())
+    unknown = [n for n in wanted if n not in seen]
+    if unknown:
+        raise ValueError(f"unknown rewrite {', '.join(map(repr, unknown))}; `attention-rewrites list` shows them")
+    return [seen[n] for n in wanted]

@@ -1,0 +1,135 @@
+"""Verdict tables for the terminal, and the report folder: verdicts.json, verdicts.md, index.html."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from rewrites.verify import Result
+
+SYMBOL = {"bitwise": "B", "equivalent": "E", "unstable": "U", "inequivalent": "I", "error": "X"}
+LEGEND = (
+    "B bitwise, E equivalent within the derived bound, U unstable, I inequivalent, X error; "
+    "! marks a verdict that contradicts the rewrite's claim"
+)
+
+
+def _columns(results: Sequence[Result]) -> list[tuple[str, str]]:
+    cols = []
+    for r in results:
+        if (r.backend, r.dtype) not in cols:
+            cols.append((r.backend, r.dtype))
+    return cols
+
+
+def matrix(results: Sequence[Result], inputs: str) -> tuple[list[str], list[list[str]]]:
+    """Rows: rewrites; columns: backend/dtype; cells: verdict symbol (+ ! if contradicted)."""
+    rs = [r for r in results if r.inputs == inputs]
+    cols = _columns(rs)
+    cells = {(r.rewrite, r.backend, r.dtype): r for r in rs}
+    rows, seen = [], []
+    for r in rs:
+        if r.rewrite in seen:
+            continue
+        seen.append(r.rewrite)
+        row = [r.rewrite, r.family, r.claim or "-"]
+        for b, d in cols:
+            c = cells.get((r.rewrite, b, d))
+            row.append("" if c is None else SYMBOL[c.verdict] + ("" if c.claim_holds else "!"))
+        rows.append(row)
+    header = ["rewrite", "family", "claim"] + [
+        f"{b[:5]} {d.replace('float', 'f').replace('bf', 'bf')}" for b, d in cols
+    ]
+    return header, rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)])
+
+
+def contradictions(results: Sequence[Result]) -> list[Result]:
+    return [r for r in results if not r.claim_holds]
+
+
+def summary(results: Sequence[Result]) -> str:
+    parts = []
+    for inputs, title in (("hypothesis", "Hypothesis inputs"), ("gpt2", "real GPT-2 layers (12)")):
+        header, rows = matrix(results, inputs)
+        if rows:
+            parts.append(f"Verdicts on {title}\n{markdown_table(header, rows)}")
+    bad = contradictions(results)
+    lines = [
+        f"  {r.rewrite} {r.backend} {r.dtype} ({r.inputs}): claimed {r.claim}, got {r.verdict}"
+        + (f"; {r.counterexample.get('message', '')}" if r.counterexample else "")
+        for r in bad
+    ]
+    parts.append(LEGEND)
+    parts.append(f"{len(bad)} contradicted claim(s)" + (":\n" + "\n".join(lines) if lines else ""))
+    return "\n\n".join(parts)
+
+
+def mutant_table(results: Sequence[Result]) -> str:
+    """For each rewrite claiming a counterexample: its shrunk size and how many examples it took."""
+    rows = []
+    for r in results:
+        if r.inputs != "hypothesis" or r.claim not in ("inequivalent", "unstable") or r.dtype != "float32":
+            continue
+        ce = r.counterexample or {}
+        shape = ce.get("shape", {})
+        rows.append(
+            [
+                r.rewrite,
+                r.backend,
+                r.verdict,
+                ce.get("examples_to_find", "-"),
+                shape.get("n_seq", "-"),
+                shape.get("n_head", "-"),
+                shape.get("head_dim", "-"),
+                shape.get("batch", "-"),
+            ]
+        )
+    header = ["rewrite", "backend", "verdict (float32)", "examples to find", "n_seq", "n_head", "head_dim", "batch"]
+    return markdown_table(header, rows)
+
+
+def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "verdicts.json").write_text(
+        json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1)
+    )
+    md = f"# Verdicts\n\n{summary(results)}\n\n## Counterexamples found\n\n{mutant_table(results)}\n"
+    (directory / "verdicts.md").write_text(md)
+    (directory / "index.html").write_text(_html(results, meta))
+
+
+def _html(results: Sequence[Result], meta: dict) -> str:
+    colours = {"B": "#b7e1cd", "E": "#d9ead3", "U": "#fce8b2", "I": "#f4c7c3", "X": "#c9c9c9"}
+    body = [f"<h1>attention-rewrites verdicts</h1><p>{html.escape(json.dumps(meta))}</p><p>{LEGEND}</p>"]
+    for inputs in ("hypothesis", "gpt2"):
+        header, rows = matrix(results, inputs)
+        if not rows:
+            continue
+        body.append(f"<h2>{inputs} inputs</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header))
+        for row in rows:
+            tds = "".join(f"<td>{html.escape(c)}</td>" for c in row[:3])
+            tds += "".join(
+                f'<td style="background:{colours.get(c[:1], "#fff")}">{html.escape(c)}</td>' for c in row[3:]
+            )
+            body.append(f"<tr>{tds}</tr>")
+        body.append("</table>")
+    body.append("<h2>Counterexamples</h2><ul>")
+    for r in results:
+        if r.counterexample and r.dtype == "float32":
+            ce = r.counterexample
+            body.append(
+                f"<li><b>{html.escape(r.rewrite)}</b> {r.backend} ({r.inputs}): "
+                f"{html.escape(ce.get('message', ''))} <code>{html.escape(ce.get('replay', ''))}</code></li>"
+            )
+    body.append("</ul>")
+    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font:12px monospace}"
+    head = f"<!doctype html><html><head><meta charset=utf-8><style>{style}</style></head>"
+    return f"{head}<body>{''.join(body)}</body></html>"

@@ -1,0 +1,481 @@
+"""The verdict engine: one measured verdict per rewrite x backend x dtype x inputs.
+
+For each rewrite and backend, Hypothesis searches (derandomised, so every rewrite sees
+the same examples and a run is reproducible):
+
+1. float64, moderate inputs: any output beyond the derived bound of the float64 truth
+   makes the rewrite `inequivalent` (in every dtype). An exception, a wrong shape or dtype,
+   or NaN on these benign inputs is an `error`.
+2. each dtype, moderate and extreme inputs (large logits, tiny values), skipping inputs
+   no correct computation in that dtype can hold: an output that overflows, is NaN or
+   leaves the bound makes it `unstable`.
+3. otherwise `bitwise` if every output equalled the same backend's oracle bit for bit,
+   else `equivalent`.
+
+The same three steps run on the 12 real GPT-2 layers (inputs "gpt2"). Failures are shrunk
+by Hypothesis and saved as replayable counterexamples.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import multiprocessing
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis.errors import NoSuchExample
+
+import oracles
+from oracles import backends, gpt2
+from oracles.problem import AttentionProblem
+from oracles.truth import Truth, ground_truth, layer_norm
+from properties.checks import excess, representable
+from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems
+from rewrites.registry import Rewrite
+
+VERDICTS = ("bitwise", "equivalent", "unstable", "inequivalent", "error")
+#: dtypes in which a claim is held against the verdict; float16/bfloat16 are reported only.
+CLAIM_DTYPES = ("float64", "float32")
+
+# Few distinct shapes, so JAX compiles each primitive for a handful of shapes shared by all
+# rewrites; they still cover what the mutants need (two heads, head_dim > 1, a partial tile).
+SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))
+MODERATE_PROBLEMS = attention_problems(**SHAPES)
+EXTREME_PROBLEMS = attention_problems(**SHAPES, x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
+
+
+class RewriteFailed(Exception):
+    """The rewrite raised, or returned something that is not a valid output."""
+
+
+@dataclass
+class Config:
+    examples: int = 30  # Hypothesis examples per search
+    gpt2_n_seq: int = 16  # tokens in each real-layer input
+    gpt2_weights: str | None = None
+    report_dir: Path = Path("report")
+    dtypes: tuple[str, ...] = backends.DTYPES
+
+
+@dataclass
+class Result:
+    rewrite: str
+    family: str
+    backend: str
+    dtype: str
+    inputs: str  # "hypothesis" | "gpt2"
+    claim: str | None
+    verdict: str
+    max_abs_error: float | None
+    max_error_over_bound: float | None
+    examples: int
+    counterexample: dict | None = None
+    source: str = "built-in"
+
+    @property
+    def claim_holds(self) -> bool:
+        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("max_abs_error", "max_error_over_bound"):  # JSON has no inf/nan
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = str(d[k])
+        return d
+
+
+def claim_holds(claim: str | None, verdict: str, inputs: str, dtype: str) -> bool:
+    """Does this verdict contradict the claim? `bitwise` and `equivalent` are universal
+    claims (any failure contradicts them); `unstable` and `inequivalent` claim that a
+    counterexample exists, which the Hypothesis search must find; real GPT-2 inputs may
+    well be benign for them. Only CLAIM_DTYPES are held to the claim."""
+    if claim is None or dtype not in CLAIM_DTYPES:
+        return True
+    if verdict == "error":
+        return False
+    if claim == "bitwise":
+        return verdict == "bitwise"
+    if claim == "equivalent":
+        return verdict in ("bitwise", "equivalent")
+    if inputs == "gpt2":
+        return True
+    return verdict == claim
+
+
+# --- running one rewrite on one problem -------------------------------------------------
+
+
+_KEYS: weakref.WeakKeyDictionary[AttentionProblem, str] = weakref.WeakKeyDictionary()
+
+
+def _key(problem: AttentionProblem) -> str:
+    """A content hash, computed once per problem object (a real layer is ~14 MB)."""
+    if problem not in _KEYS:
+        h = hashlib.sha1(repr((problem.n_head, problem.x.shape)).encode())
+        for a in problem.arrays():
+            h.update(a.tobytes())
+        _KEYS[problem] = h.hexdigest()
+    return _KEYS[problem]
+
+
+class Cache:
+    """Truths and oracle outputs, shared by all rewrites (they see the same examples)."""
+
+    def __init__(self, limit: int = 20000) -> None:
+        self.limit, self.items = limit, {}
+
+    def get(self, key: tuple, make: Callable):
+        if key not in self.items:
+            if len(self.items) >= self.limit:
+                self.items.pop(next(iter(self.items)))
+            self.items[key] = make()
+        return self.items[key]
+
+    def truth(self, problem: AttentionProblem, backend: str, dtype: str) -> Truth:
+        return self.get(
+            ("truth", _key(problem), backend, dtype), lambda: ground_truth(oracles.rounded(problem, backend, dtype))
+        )
+
+    def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
+        return self.get(("oracle", _key(problem), backend, dtype), lambda: oracles.run(backend, problem, dtype))
+
+
+@functools.cache
+def _jitted(fn: Callable) -> Callable:
+    """JAX: one compilation per rewrite and shape, instead of one per primitive and shape
+    in eager mode (loops such as a KV cache create a new shape at every step)."""
+    import jax
+
+    return jax.jit(fn, static_argnums=5)
+
+
+def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> np.ndarray:
+    """The rewrite's float64 output, or RewriteFailed naming what went wrong."""
+    be = backends.get(backend)
+    impl = rw.implementation(backend)
+    if impl is None:
+        raise RewriteFailed(rw.load_error or f"{rw.name} has no implementation for {backend}")
+    if backend == "jax":
+        impl = _jitted(impl)
+    try:
+        out = impl(*oracles.as_backend(problem, backend, dtype), problem.n_head)
+    except Exception as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise RewriteFailed(f"raised {type(e).__name__}: {first_line}") from e
+    want = (*problem.x.shape[:-2], 1 if rw.output == "last" else problem.n_seq, problem.n_embd)
+    shape, got_dtype = tuple(getattr(out, "shape", ())), str(getattr(out, "dtype", type(out).__name__))
+    if shape != want:
+        raise RewriteFailed(f"returned shape {list(shape)}, expected {list(want)} ({rw.output} output)")
+    if got_dtype.rsplit(".", 1)[-1] != dtype:
+        raise RewriteFailed(f"returned {got_dtype} for {dtype} inputs")
+    return be.to_numpy(out)
+
+
+@dataclass
+class Outcome:
+    ratio: float  # max |error| / bound
+    abs_error: float
+    bitwise: bool
+    nonfinite: bool
+
+
+def outcome(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem, cache: Cache, bitwise: bool) -> Outcome:
+    out = run_rewrite(rw, backend, dtype, problem)
+    truth = cache.truth(problem, backend, dtype)
+    sl = np.s_[..., -1:, :] if rw.output == "last" else np.s_[...]
+    expected, tol = truth.out[sl], truth.tolerance(dtype)[sl]
+    ratio = excess(out, expected, tol)
+    finite = bool(np.isfinite(out).all())
+    abs_err = float(np.abs(out - expected).max()) if finite else math.inf
+    same = bitwise and np.array_equal(out, cache.oracle(problem, backend, dtype)[sl])
+    return Outcome(ratio, abs_err, same, not finite)
+
+
+# --- Hypothesis searches --------------------------------------------------------------------
+
+
+@dataclass
+class Search:
+    """What one search saw: the shrunk failing problem (if any) and the tallies."""
+
+    failure: AttentionProblem | None = None
+    message: str = ""
+    error: str | None = None
+    examples: int = 0  # examples evaluated in all
+    to_find: int | None = None  # examples it took to find the first failure
+    max_ratio: float = 0.0
+    max_abs: float = 0.0
+    bitwise: bool = True
+    stats: dict = field(default_factory=dict)
+
+
+def search(strategy, failing: Callable[[AttentionProblem], str | None], examples: int, s: Search) -> Search:
+    """Look for a problem where `failing` returns a message; shrink it; count into `s`."""
+
+    def condition(problem: AttentionProblem) -> bool:
+        s.examples += 1
+        msg = failing(problem)
+        if msg is not None and s.to_find is None:
+            s.to_find = s.examples
+        return msg is not None
+
+    opts = settings(
+        max_examples=examples,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.generate, Phase.shrink],
+    )
+    try:
+        s.failure = find(strategy, condition, settings=opts)
+        s.message = failing(s.failure) or ""
+    except NoSuchExample:
+        pass
+    return s
+
+
+def _scan(rw: Rewrite, backend: str, dtype: str, cache: Cache, s: Search, stage: str):
+    """The failure test of a stage, recording tallies into `s`."""
+
+    @np.errstate(all="ignore")  # overflow and NaN are what is being looked for here
+    def failing(problem: AttentionProblem) -> str | None:
+        truth = cache.truth(problem, backend, dtype)
+        if stage == "dtype" and not representable(truth, dtype):
+            return None  # no correct computation in this dtype exists: not evidence
+        try:
+            o = outcome(rw, backend, dtype, problem, cache, s.bitwise and stage == "dtype")
+        except RewriteFailed as e:
+            s.error = s.error or str(e)
+            return f"error: {e}"
+        s.bitwise &= o.bitwise
+        s.max_ratio, s.max_abs = max(s.max_ratio, o.ratio), max(s.max_abs, o.abs_error)
+        if stage == "float64" and o.nonfinite:
+            s.error = s.error or "returned NaN or inf on moderate float64 inputs"
+            return f"error: {s.error}"
+        if o.ratio > 1:
+            what = "non-finite output" if o.nonfinite else f"error {o.abs_error:.3g} is {o.ratio:.3g}x the bound"
+            return f"{what} in {dtype}"
+        return None
+
+    return failing
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+
+class Verifier:
+    def __init__(self, config: Config, progress: Callable[[str], None] = lambda m: None) -> None:
+        self.config, self.progress, self.cache = config, progress, Cache()
+        self._gpt2: list[AttentionProblem] | None = None
+        self._written: set[Path] = set()
+
+    # Hypothesis inputs
+    def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        cfg, dtypes = self.config, [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        base = dict(
+            rewrite=rw.name, family=rw.family, backend=backend, inputs="hypothesis", claim=rw.claim, source=rw.source
+        )
+        if rw.load_error:
+            return [
+                Result(
+                    **base,
+                    dtype=d,
+                    verdict="error",
+                    max_abs_error=None,
+                    max_error_over_bound=None,
+                    examples=0,
+                    counterexample={"message": rw.load_error},
+                )
+                for d in dtypes
+            ]
+        s64 = Search()
+        search(MODERATE_PROBLEMS, _scan(rw, backend, "float64", self.cache, s64, "float64"), cfg.examples, s64)
+        results = []
+        for dtype in dtypes:
+            if s64.failure is not None:  # inequivalent (or an error) everywhere on this backend
+                verdict = "error" if s64.error else "inequivalent"
+                ce = self._counterexample(rw, backend, "float64", s64)
+                results.append(
+                    Result(
+                        **base,
+                        dtype=dtype,
+                        verdict=verdict,
+                        max_abs_error=s64.max_abs,
+                        max_error_over_bound=s64.max_ratio,
+                        examples=s64.examples,
+                        counterexample=ce,
+                    )
+                )
+                continue
+            s = Search()
+            search(EXTREME_PROBLEMS, _scan(rw, backend, dtype, self.cache, s, "dtype"), cfg.examples, s)
+            if s.failure is not None:
+                verdict = "error" if s.error else "unstable"
+                ce = self._counterexample(rw, backend, dtype, s)
+            else:
+                verdict, ce = ("bitwise" if s.bitwise else "equivalent"), None
+            results.append(
+                Result(
+                    **base,
+                    dtype=dtype,
+                    verdict=verdict,
+                    max_abs_error=s.max_abs,
+                    max_error_over_bound=s.max_ratio,
+                    examples=s.examples + s64.examples,
+                    counterexample=ce,
+                )
+            )
+        return results
+
+    def _counterexample(self, rw: Rewrite, backend: str, dtype: str, s: Search, extra: dict | None = None) -> dict:
+        p = s.failure
+        name = f"{rw.name}-{backend}-{dtype}-{'gpt2' if extra else 'hypothesis'}.npz"
+        path = self.config.report_dir / "counterexamples" / name
+        if path not in self._written:  # one float64 failure stands for every dtype
+            meta = dict(rewrite=rw.name, backend=backend, dtype=dtype, output=rw.output)
+            if extra:  # a real layer: its weights are GPT-2's, so only x and the layer are saved
+                path.parent.mkdir(parents=True, exist_ok=True)
+                np.savez_compressed(path, x=p.x, n_head=p.n_head, label=p.label, **meta, **extra)
+            else:
+                p.save(path, **meta)
+            self._written.add(path)
+        return {
+            "file": str(path),
+            "problem": p.describe(),
+            "shape": {"batch": list(p.x.shape[:-2]), "n_seq": p.n_seq, "n_head": p.n_head, "head_dim": p.head_dim},
+            "message": s.message,
+            "examples_to_find": s.to_find,
+            "replay": f"attention-rewrites replay {path}",
+        }
+
+    # real GPT-2 inputs
+    def gpt2_problems(self) -> list[AttentionProblem]:
+        if self._gpt2 is None:
+            w = gpt2.load(self.config.gpt2_weights)
+            streams = gpt2.attention_path(
+                w, gpt2.synthetic_stream(w, self.config.gpt2_n_seq, seed=0), w.config.n_layer - 1
+            )
+            self._gpt2 = []
+            for layer, stream in zip(w.layers(), streams, strict=True):
+                self._gpt2.append(layer.problem(layer_norm(stream, layer.ln_g, layer.ln_b, layer.eps)))
+        return self._gpt2
+
+    def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs="gpt2", claim=rw.claim, source=rw.source)
+        problems = self.gpt2_problems()
+
+        def sweep(dtype: str, stage: str) -> Search:
+            s = Search()
+            failing = _scan(rw, backend, dtype, self.cache, s, stage)
+            for i, p in enumerate(problems):
+                s.examples += 1
+                msg = failing(p)
+                if msg is not None and s.failure is None:
+                    s.failure, s.message, s.to_find, s.stats["layer"] = p, msg, i + 1, i
+            return s
+
+        if rw.load_error:
+            return [
+                Result(
+                    **base,
+                    dtype=d,
+                    verdict="error",
+                    max_abs_error=None,
+                    max_error_over_bound=None,
+                    examples=0,
+                    counterexample={"message": rw.load_error},
+                )
+                for d in dtypes
+            ]
+        s64 = sweep("float64", "float64")
+        results = []
+        for dtype in dtypes:
+            s = s64 if s64.failure is not None else sweep(dtype, "dtype")
+            if s.failure is None:
+                verdict, ce = ("bitwise" if s.bitwise else "equivalent"), None
+            else:
+                verdict = "error" if s.error else ("inequivalent" if s is s64 else "unstable")
+                ce = self._counterexample(
+                    rw, backend, "float64" if s is s64 else dtype, s, {"gpt2_layer": np.int64(s.stats["layer"])}
+                )
+            results.append(
+                Result(
+                    **base,
+                    dtype=dtype,
+                    verdict=verdict,
+                    max_abs_error=s.max_abs,
+                    max_error_over_bound=s.max_ratio,
+                    examples=s.examples,
+                    counterexample=ce,
+                )
+            )
+        return results
+
+    def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
+        results: list[Result] = []
+        for backend in backend_names:
+            results += self.hypothesis_results(rw, backend)
+            if gpt2_inputs:
+                results += self.gpt2_results(rw, backend)
+        return results
+
+    def verify(
+        self, rewrites: Iterable[Rewrite], backend_names: Iterable[str], gpt2_inputs: bool = True, jobs: int = 1
+    ) -> list[Result]:
+        """Verdicts for every rewrite on every backend, in catalogue order. With jobs > 1,
+        rewrites are shared out to worker processes (each finds the catalogue and plugins
+        itself, so rewrites travel by name)."""
+        rewrites, names = list(rewrites), list(backend_names)
+        done: dict[str, list[Result]] = {}
+        start = time.perf_counter()
+
+        def report(rw_name: str, rs: list[Result]) -> None:
+            done[rw_name] = rs
+            bad = sorted({r.backend for r in rs if not r.claim_holds})
+            status = "ok" if not bad else f"claim contradicted on {', '.join(bad)}"
+            self.progress(f"[{len(done)}/{len(rewrites)}] {rw_name}: {status} ({time.perf_counter() - start:.0f}s)")
+
+        if jobs <= 1 or len(rewrites) <= 1:
+            for rw in rewrites:
+                report(rw.name, self.verify_one(rw, names, gpt2_inputs))
+        else:
+            ctx = multiprocessing.get_context("spawn")  # JAX and PyTorch threads do not survive fork
+            with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker, initargs=(self.config,)) as pool:
+                futures = {pool.submit(_work, rw.name, names, gpt2_inputs): rw.name for rw in rewrites}
+                for future in as_completed(futures):
+                    report(futures[future], future.result())
+        return [r for rw in rewrites for r in done[rw.name]]
+
+
+_WORKER: Verifier | None = None
+
+
+def _start_worker(config: Config) -> None:
+    global _WORKER
+    _WORKER = Verifier(config)
+
+
+def _work(name: str, backend_names: list[str], gpt2_inputs: bool) -> list[Result]:
+    from rewrites.registry import catalogue
+
+    return _WORKER.verify_one(catalogue(names=[name])[0], backend_names, gpt2_inputs)
+
+
+def load_counterexample(path: str | Path, weights: str | None = None) -> tuple[AttentionProblem, dict]:
+    """A saved counterexample: the problem (real weights reloaded for GPT-2 ones) and its metadata."""
+    with np.load(path) as f:
+        meta = {k: f[k].item() for k in ("rewrite", "backend", "dtype", "output", "gpt2_layer") if k in f}
+        x = np.asarray(f["x"], np.float64) if "gpt2_layer" in f else None
+    if x is None:
+        return AttentionProblem.load(path), meta
+    return gpt2.load(weights).layer(int(meta["gpt2_layer"])).problem(x), meta
