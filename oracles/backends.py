@@ -6,7 +6,6 @@ A backend is optional: `available()` lists the ones that import, and `get(name)`
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -107,9 +106,3 @@ def unavailable_reason(name: str) -> str | None:
 def available() -> list[str]:
     """The names of the backends that import on this machine."""
     return [n for n in NAMES if unavailable_reason(n) is None]
-
-
-def module(name: str) -> Any:
-    """Import helper for oracles: the native module of a backend, or BackendUnavailable."""
-    get(name)
-    return importlib.import_module({"numpy": "numpy", "jax": "jax.numpy", "torch": "torch"}[name])

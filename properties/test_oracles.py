@@ -52,13 +52,19 @@ def _tiny_problem() -> oracles.AttentionProblem:
 FULL_CONTEXT = 1024
 
 
+@pytest.fixture(scope="session")
+def full_context_streams(gpt2_weights) -> list[np.ndarray]:
+    """The residual stream entering each real layer at n_seq 1024 (the attention path)."""
+    x0 = oracles.gpt2.synthetic_stream(gpt2_weights, FULL_CONTEXT, seed=0)
+    return oracles.gpt2.attention_path(gpt2_weights, x0, gpt2_weights.config.n_layer - 1)
+
+
 @pytest.mark.parametrize("layer", range(12), ids=lambda i: f"layer{i}")
-def test_real_gpt2_layers_at_full_context_float32(gpt2_weights, pytestconfig, layer):
+def test_real_gpt2_layers_at_full_context_float32(gpt2_weights, full_context_streams, pytestconfig, layer):
     """All 12 real sublayers at n_seq 1024, float32, every installed backend, on the real
     attention path's residual stream through the real ln_1."""
-    stream = _streams(gpt2_weights)[layer]
     real = gpt2_weights.layer(layer)
-    problem = real.problem(oracles.truth.layer_norm(stream, real.ln_g, real.ln_b, real.eps))
+    problem = real.problem(oracles.truth.layer_norm(full_context_streams[layer], real.ln_g, real.ln_b, real.eps))
     ran = 0
     for backend in pytestconfig.getoption("backend") or backends.available():
         if backends.unavailable_reason(backend):
@@ -67,17 +73,6 @@ def test_real_gpt2_layers_at_full_context_float32(gpt2_weights, pytestconfig, la
         assert_within(oracles.run(backend, problem, "float32"), truth.out, truth.tolerance("float32"), f"{backend}")
         ran += 1
     assert ran, "no backend ran"
-
-
-_STREAMS: dict = {}
-
-
-def _streams(weights) -> list[np.ndarray]:
-    """The residual stream entering each layer at full context (computed once)."""
-    if "full" not in _STREAMS:
-        x0 = oracles.gpt2.synthetic_stream(weights, FULL_CONTEXT, seed=0)
-        _STREAMS["full"] = oracles.gpt2.attention_path(weights, x0, weights.config.n_layer - 1)
-    return _STREAMS["full"]
 
 
 @pytest.mark.dtypes("float64", "float32")

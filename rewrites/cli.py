@@ -128,6 +128,19 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return 0 if ratio <= 1 else 1
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Time full vs last-token vs KV-step sublayers on the real weights; bench.json + bench.png."""
+    from pathlib import Path
+
+    from rewrites import bench
+
+    names = args.backend or backends.available()
+    results = bench.run(Path(args.report), names, args.gpt2_weights, progress)
+    print(bench.summary(results))
+    print(f"\nwritten to {args.report}/bench.json and {args.report}/bench.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-rewrites", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -152,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
     p.set_defaults(run=cmd_verify)
+
+    p = sub.add_parser("bench", help="benchmarks: the O(N) last-token claim, KV-cache steps, GFLOP/s")
+    common(p)
+    p.add_argument("--report", default="report", help="report folder (default report/)")
+    p.set_defaults(run=cmd_bench)
 
     p = sub.add_parser("list", help="the catalogue with families and claims")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
