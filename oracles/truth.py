@@ -20,8 +20,9 @@ u is the unit roundoff of the storage dtype. float16 and bfloat16 products and s
 accumulated in float32 on all three backends (checked by `properties/test_bounds.py`),
 so for them ua is float32's. The bound is worst case: it holds for any summation order
 and any correct kernel, so real errors sit one to three orders of magnitude below it.
-Where a true intermediate does not fit the dtype's range, the bound is +inf: no correct
-computation in that dtype exists, and the input says nothing about a rewrite.
+Where a true intermediate does not fit the dtype's range, or a logit is so large that one
+rounding of it (u|z| >= 1/2) breaks the first-order model of exp, the bound is +inf: the
+dtype cannot be held to anything there, and the input says nothing about a rewrite.
 """
 
 from __future__ import annotations
@@ -121,8 +122,12 @@ class Truth:
     def _bound(self, dtype: str) -> np.ndarray:
         pr = Precision(dtype)
         pb = self.problem
-        scores = np.where(np.isfinite(self.z), np.abs(self.z), 0.0) * math.sqrt(pb.head_dim)  # q @ k.T, stored
-        if max(np.abs(a).max(initial=0.0) for a in (self.qkv, scores, self.o, self.out)) > 0.5 * MAX[dtype]:
+        logits = np.where(np.isfinite(self.z), np.abs(self.z), 0.0)
+        scores = logits * math.sqrt(pb.head_dim)  # q @ k.T, stored before scaling
+        too_big = max(np.abs(a).max(initial=0.0) for a in (self.qkv, scores, self.o, self.out)) > 0.5 * MAX[dtype]
+        # First order needs exp(t + d) ~ e^t (1 + d): once one rounding of a logit, u|z|, reaches
+        # 1/2 that fails (in float32 beyond |z| ~ 8e6; past 1.5e9 half an ulp overflows exp).
+        if too_big or pr.u * logits.max(initial=0.0) >= 0.5:
             return np.full(self.out.shape, np.inf)
         x, w, b, wo, bo = pb.arrays()
         ex = pr.flush(x) if self.x_error is None else self.x_error

@@ -13,6 +13,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -93,11 +94,11 @@ def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progr
         q_last = be.asarray(rng.normal(size=(h, 1, hd)), "float32")
         row = {
             "n_seq": n,
-            "full_s": median_time(lambda: full(xs, *w, h), sync),
-            "last_token_s": median_time(lambda: last(xs, *w, h), sync),
-            "kv_step_s": median_time(lambda: step(xs[-1:], k_cache, v_cache, *w), sync),
-            "scores_full_s": median_time(lambda: scores_full(q_all, k_all), sync),
-            "scores_last_s": median_time(lambda: scores_full(q_last, k_all), sync),
+            "full_s": median_time(partial(full, xs, *w, h), sync),
+            "last_token_s": median_time(partial(last, xs, *w, h), sync),
+            "kv_step_s": median_time(partial(step, xs[-1:], k_cache, v_cache, *w), sync),
+            "scores_full_s": median_time(partial(scores_full, q_all, k_all), sync),
+            "scores_last_s": median_time(partial(scores_full, q_last, k_all), sync),
         }
         row["full_gflops"] = sublayer_flops(n, x.shape[-1]) / row["full_s"] / 1e9
         rows.append(row)
@@ -160,10 +161,9 @@ def summary(results: dict) -> str:
         lines.append(
             f"{backend}: last-token {r['last_token_speedup_at_max_n']:.1f}x faster than full at n_seq {N_SEQ[-1]}, "
             f"KV step {r['kv_step_speedup_at_max_n']:.0f}x cheaper; exponents full {e['full_s']:.2f}, "
-            f"last {e['last_token_s']:.2f}, scores full {e['scores_full_s']:.2f}, scores last {e['scores_last_s']:.2f}; "
+            f"last {e['last_token_s']:.2f}, scores full {e['scores_full_s']:.2f}, "
+            f"scores last {e['scores_last_s']:.2f}; "
             f"full sublayer {r['rows'][-1]['full_gflops']:.1f} GFLOP/s = "
             f"{100 * r['full_fraction_of_peak_at_max_n']:.0f}% of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak"
         )
     return "\n".join(lines)
-
-

@@ -1,14 +1,18 @@
 """Only the last token's row: what greedy decoding needs. Scores become [1, n_seq], O(N)."""
 
-from rewrites.common import heads_qkv, linear, project_out, softmax, split_heads, split_qkv
+import math
+
+from rewrites.common import array_namespace, linear, project_out, softmax, split_heads
 from rewrites.registry import rewrite
 
 
 @rewrite(family="last_token", claim="equivalent", output="last")
 def last_token_only(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """Project a query for the final position only; it sees every key, so no mask."""
-    xp, _, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n_seq, hd]
-    q, _, _ = split_qkv(xp, linear(x[..., -1:, :], c_attn_w, c_attn_b))  # [..., 1, n_embd]
-    q = split_heads(xp, q, n_head)  # [..., H, 1, hd]
-    z = q @ xp.matrix_transpose(k) / q.shape[-1] ** 0.5  # [..., H, 1, n_seq]
+    """Keys and values for every position, a query for the final one only; it sees every key, so no mask."""
+    xp = array_namespace(x)
+    e = x.shape[-1]
+    q = linear(x[..., -1:, :], c_attn_w[:, :e], c_attn_b[:e])  # [..., 1, n_embd]
+    kv = linear(x, c_attn_w[:, e:], c_attn_b[e:])  # [..., n_seq, 2*n_embd]
+    q, k, v = (split_heads(xp, t, n_head) for t in (q, kv[..., :e], kv[..., e:]))  # [..., H, *, hd]
+    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])  # [..., H, 1, n_seq]
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)  # [..., 1, n_embd]
