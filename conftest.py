@@ -76,8 +76,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         dtypes = marker.args if marker else backends.DTYPES
         metafunc.parametrize(("backend", "dtype"), backend_params(metafunc.config, dtypes))
     elif "backend" in metafunc.fixturenames:
-        params = [p for p in backend_params(metafunc.config, ("float64",))]
-        metafunc.parametrize("backend", [pytest.param(p.values[0], id=p.id, marks=p.marks) for p in params])
+        params = backend_params(metafunc.config, ("float64",))  # every backend has float64
+        metafunc.parametrize("backend", [pytest.param(p.values[0], id=p.values[0], marks=p.marks) for p in params])
 
 
 def pytest_configure(config: pytest.Config) -> None:

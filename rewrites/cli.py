@@ -68,7 +68,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     from rewrites import report
     from rewrites.registry import catalogue
-    from rewrites.verify import Config, Verifier
+    from rewrites.verify import JAX_COMPILATIONS, Config, Verifier
 
     names = args.backend or backends.available()
     for name in set(backends.NAMES) - set(names):
@@ -93,9 +93,12 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "gpt2_n_seq": None if args.no_gpt2 else args.gpt2_n_seq,
         "seconds": round(elapsed, 1),
         "rewrites": len(rewrites),
+        "jax_compilations": JAX_COMPILATIONS[0] + verifier.worker_compilations,
+        "throughput": verifier.throughput,
     }
     report.write(results, cfg.report_dir, meta)
     print(report.summary(results))
+    print(report.throughput_summary(meta))
     print(f"\nreport written to {cfg.report_dir}/ (verdicts.json, verdicts.md, index.html) in {elapsed:.0f}s")
     return 1 if report.contradictions(results) else 0
 
@@ -141,6 +144,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_decode(args: argparse.Namespace) -> int:
+    """KV-cache decoding through the real attention path: error growth with depth and position."""
+    import json
+    from pathlib import Path
+
+    from rewrites import stack
+
+    weights = gpt2.load(args.gpt2_weights)
+    x = gpt2.synthetic_stream(weights, args.n_seq, seed=0)
+    report = {}
+    for name in args.backend or backends.available():
+        for dtype in args.dtype or ["float32"]:
+            progress(f"decoding {args.n_seq} tokens through 1..{weights.config.n_layer} layers on {name} {dtype}")
+            rows = stack.error_growth(weights, x, name, dtype)
+            report[f"{name}-{dtype}"] = rows
+            print(f"\nmax |decode - float64 truth| on {name} {dtype}, by depth (rows) and position (columns)")
+            print(
+                markdown_table(
+                    list(rows[0]), [[r["depth"], *(f"{v:.2g}" for k, v in r.items() if k != "depth")] for r in rows]
+                )
+            )
+    Path(args.report).mkdir(parents=True, exist_ok=True)
+    (Path(args.report) / "decode.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-rewrites", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
     common(p)
     p.add_argument("--report", default="report", help="report folder (default report/)")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("decode", help="KV-cache decoding through the real attention path: error growth")
+    common(p)
+    p.add_argument("--n-seq", type=int, default=256, help="tokens (default 256)")
+    p.add_argument("--report", default="report", help="report folder (default report/)")
+    p.set_defaults(run=cmd_decode)
 
     p = sub.add_parser("list", help="the catalogue with families and claims")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -96,12 +97,25 @@ def mutant_table(results: Sequence[Result]) -> str:
     return markdown_table(header, rows)
 
 
+def throughput_summary(meta: dict) -> str:
+    """Median Hypothesis examples per second per backend, and the JAX compilations of the run."""
+    by: dict[str, list[float]] = {}
+    for t in meta.get("throughput", []):
+        by.setdefault(t["backend"], []).append(t["examples_per_s"])
+    rates = ", ".join(f"{b} {statistics.median(v):.0f}" for b, v in by.items())
+    compiles = meta.get("jax_compilations")
+    return f"verification throughput (median examples/s per rewrite): {rates}; JAX compilations: {compiles}"
+
+
 def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "verdicts.json").write_text(
         json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1)
     )
-    md = f"# Verdicts\n\n{summary(results)}\n\n## Counterexamples found\n\n{mutant_table(results)}\n"
+    md = (
+        f"# Verdicts\n\n{summary(results)}\n\n{throughput_summary(meta)}\n\n"
+        f"## Counterexamples found\n\n{mutant_table(results)}\n"
+    )
     (directory / "verdicts.md").write_text(md)
     (directory / "index.html").write_text(_html(results, meta))
 

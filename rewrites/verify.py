@@ -277,6 +277,9 @@ class Verifier:
         self.config, self.progress, self.cache = config, progress, Cache()
         self._gpt2: list[AttentionProblem] | None = None
         self._written: set[Path] = set()
+        self.throughput: list[dict] = []  # Hypothesis examples per second, per rewrite and backend
+        self.worker_compilations = 0  # JAX compilations in worker processes
+        count_jax_compilations()
 
     # Hypothesis inputs
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
@@ -424,7 +427,20 @@ class Verifier:
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         results: list[Result] = []
         for backend in backend_names:
-            results += self.hypothesis_results(rw, backend)
+            start = time.perf_counter()
+            rs = self.hypothesis_results(rw, backend)
+            seconds = time.perf_counter() - start
+            examples = sum(r.examples for r in rs)
+            self.throughput.append(
+                {
+                    "rewrite": rw.name,
+                    "backend": backend,
+                    "examples": examples,
+                    "seconds": round(seconds, 3),
+                    "examples_per_s": round(examples / seconds, 1),
+                }
+            )
+            results += rs
             if gpt2_inputs:
                 results += self.gpt2_results(rw, backend)
         return results
@@ -453,7 +469,10 @@ class Verifier:
             with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_start_worker, initargs=(self.config,)) as pool:
                 futures = {pool.submit(_work, rw.name, names, gpt2_inputs): rw.name for rw in rewrites}
                 for future in as_completed(futures):
-                    report(futures[future], future.result())
+                    rs, throughput, compiles = future.result()
+                    self.throughput += throughput
+                    self.worker_compilations += compiles
+                    report(futures[future], rs)
         return [r for rw in rewrites for r in done[rw.name]]
 
 
@@ -465,10 +484,29 @@ def _start_worker(config: Config) -> None:
     _WORKER = Verifier(config)
 
 
-def _work(name: str, backend_names: list[str], gpt2_inputs: bool) -> list[Result]:
+def _work(name: str, backend_names: list[str], gpt2_inputs: bool) -> tuple[list[Result], list[dict], int]:
     from rewrites.registry import catalogue
 
-    return _WORKER.verify_one(catalogue(names=[name])[0], backend_names, gpt2_inputs)
+    before, n = JAX_COMPILATIONS[0], len(_WORKER.throughput)
+    results = _WORKER.verify_one(catalogue(names=[name])[0], backend_names, gpt2_inputs)
+    return results, _WORKER.throughput[n:], JAX_COMPILATIONS[0] - before
+
+
+JAX_COMPILATIONS = [0]  # XLA compilations seen in this process
+
+
+@functools.cache
+def count_jax_compilations() -> None:
+    """Count every XLA compilation JAX triggers in this process (once JAX is importable)."""
+    if backends.unavailable_reason("jax"):
+        return
+    import jax.monitoring
+
+    def listen(event: str, _duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            JAX_COMPILATIONS[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
 
 
 def load_counterexample(path: str | Path, weights: str | None = None) -> tuple[AttentionProblem, dict]:
