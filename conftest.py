@@ -97,6 +97,15 @@ def gpt2_weights(pytestconfig: pytest.Config) -> gpt2.GPT2Weights:
         pytest.skip(str(e))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_jax_executables():
+    """Compiled JAX executables map memory; a whole suite in one process must let them go."""
+    yield
+    from rewrites.verify import release_jax_executables
+
+    release_jax_executables()
+
+
 # --- rewrite verdicts: computed once per (rewrite, backend), shown in the terminal summary -----
 
 _VERDICTS: dict[tuple[str, str], list] = {}

@@ -135,11 +135,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     """Time full vs last-token vs KV-step sublayers on the real weights; bench.json + bench.png."""
     from pathlib import Path
 
-    from rewrites import bench
+    from rewrites import bench, report
 
     names = args.backend or backends.available()
     results = bench.run(Path(args.report), names, args.gpt2_weights, progress)
     print(bench.summary(results))
+    report.add_bench_section(Path(args.report), bench.summary(results))
     print(f"\nwritten to {args.report}/bench.json and {args.report}/bench.png")
     return 0
 

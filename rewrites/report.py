@@ -117,7 +117,12 @@ def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
         f"## Counterexamples found\n\n{mutant_table(results)}\n"
     )
     (directory / "verdicts.md").write_text(md)
-    (directory / "index.html").write_text(_html(results, meta))
+    index = directory / "index.html"
+    kept = index.read_text().split(BENCH_MARK) if index.exists() else []
+    page = _html(results, meta)
+    if len(kept) == 3:  # a benchmark section from `attention-rewrites bench` stays
+        page = page.replace("</body>", BENCH_MARK + kept[1] + BENCH_MARK + "</body>")
+    index.write_text(page)
 
 
 def _html(results: Sequence[Result], meta: dict) -> str:
@@ -147,3 +152,20 @@ def _html(results: Sequence[Result], meta: dict) -> str:
     style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font:12px monospace}"
     head = f"<!doctype html><html><head><meta charset=utf-8><style>{style}</style></head>"
     return f"{head}<body>{''.join(body)}</body></html>"
+
+
+BENCH_MARK = "<!-- bench -->"
+
+
+def add_bench_section(directory: Path, summary_text: str) -> None:
+    """Put the benchmark (plot + summary) into index.html, replacing an earlier one."""
+    section = (
+        f"{BENCH_MARK}<h2>Benchmarks</h2><pre>{html.escape(summary_text)}</pre>"
+        f'<img src="bench.png" alt="log-log timings"><p><a href="bench.json">bench.json</a></p>{BENCH_MARK}'
+    )
+    index = directory / "index.html"
+    page = index.read_text() if index.exists() else "<!doctype html><html><body></body></html>"
+    if BENCH_MARK in page:
+        before, _, rest = page.partition(BENCH_MARK)
+        page = before + rest.partition(BENCH_MARK)[2]
+    index.write_text(page.replace("</body>", section + "</body>"))
