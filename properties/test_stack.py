@@ -26,12 +26,17 @@ def test_each_decode_step_equals_the_full_pass_over_its_prefix(backend, dtype, g
         assert ok, f"step {t} of {n}, {n_layers} layers: {msg}"
 
 
-@pytest.mark.dtypes("float32")
-def test_decoding_1024_positions_through_the_real_stack(backend, gpt2_weights):
+@pytest.fixture(scope="module")
+def full_context(gpt2_weights) -> tuple[np.ndarray, np.ndarray]:
+    """A 1024-token input and its float64 attention-path output (computed once)."""
+    x = gpt2.synthetic_stream(gpt2_weights, gpt2_weights.config.n_ctx, seed=0)
+    return x, stack.truth(gpt2_weights, x)
+
+
+def test_decoding_1024_positions_through_the_real_stack(backend, gpt2_weights, full_context):
     """All 1024 positions of the context, 12 real layers, every step against the full pass
     (by causality its row t is the full pass over the prefix 0..t, a property the oracles pass)."""
-    x = gpt2.synthetic_stream(gpt2_weights, gpt2_weights.config.n_ctx, seed=0)
-    exact = stack.truth(gpt2_weights, x)
+    x, exact = full_context
     full = stack.forward(gpt2_weights, x, backend, "float32")
     decoded = stack.decode(gpt2_weights, x, backend, "float32")
     ok, msg = stack.within_reference_error(decoded, full, exact, "float32", gpt2_weights.config.n_layer)

@@ -5,8 +5,8 @@
 
 `forward` runs it with a backend's oracle blocks (the reference); `decode` feeds the
 tokens one at a time through the same layers with a per-layer KV cache, written once
-against the array API. The cache has a fixed shape [..., n_head, n_max, head_dim] and is
-written with `where`, so every step has the same shapes (JAX compiles one step function).
+against the array API. The cache has a fixed shape [..., n_head, n_max, head_dim]
+and position t is written in place, so every step has the same shapes (JAX compiles one step function).
 """
 
 from __future__ import annotations
@@ -61,13 +61,21 @@ def decode_step(x_t, t, caches, layers, ln_f, n_head: int, eps: float):
         h = layer_norm(xp, x_t, ln_g, ln_b, eps)
         q, k, v = (split_heads(xp, s, n_head) for s in _split3(xp, linear(h, w, bias)))  # [..., H, 1, hd]
         n_max = k_cache.shape[-2]
-        here = xp.reshape(xp.arange(n_max) == t, (n_max, 1))  # [n_max, 1]: the slot of position t
-        k_cache, v_cache = xp.where(here, k, k_cache), xp.where(here, v, v_cache)
+        k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
         z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
         z = xp.where(xp.arange(n_max) <= t, z, -math.inf)  # slots after t are empty
         x_t = x_t + linear(merge_heads(xp, softmax(xp, z) @ v_cache), wo, bo)
         new_caches.append((k_cache, v_cache))
     return layer_norm(xp, x_t, *ln_f, eps), new_caches
+
+
+def write_slot(cache, t, value):
+    """cache[..., t, :] = value[..., 0, :]. JAX arrays are immutable: `.at[].set` (in place
+    under jit, and t may be traced); NumPy and PyTorch write in place, O(1) per step."""
+    if hasattr(cache, "at"):
+        return cache.at[..., t, :].set(value[..., 0, :])
+    cache[..., t, :] = value[..., 0, :]
+    return cache
 
 
 def _split3(xp, qkv):
@@ -88,8 +96,8 @@ def decode(
     xp = be.namespace
     layers, ln_f = _arrays(weights, backend, dtype, n_layers)
     *batch, n, e = x.shape
-    empty = be.asarray(np.zeros((*batch, c.n_head, n, e // c.n_head)), dtype)
-    caches = [(empty, empty) for _ in layers]
+    shape = (*batch, c.n_head, n, e // c.n_head)
+    caches = [(be.asarray(np.zeros(shape), dtype), be.asarray(np.zeros(shape), dtype)) for _ in layers]
     step = decode_step
     if backend == "jax":  # one compilation for all n steps: the shapes never change
         import jax
