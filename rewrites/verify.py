@@ -281,73 +281,54 @@ class Verifier:
         self.worker_compilations = 0  # JAX compilations in worker processes
         count_jax_compilations()
 
-    # Hypothesis inputs
-    def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
-        cfg, dtypes = self.config, [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
-        base = dict(
-            rewrite=rw.name, family=rw.family, backend=backend, inputs="hypothesis", claim=rw.claim, source=rw.source
-        )
+    def _verdicts(
+        self,
+        rw: Rewrite,
+        backend: str,
+        inputs: str,
+        in_float64: Callable[[], Search],
+        in_dtype: Callable[[str], Search],
+    ) -> list[Result]:
+        """Steps 1-3 of the module doc for one input source: a float64 failure makes the
+        rewrite inequivalent in every dtype; else each dtype's own search decides."""
+        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs=inputs, claim=rw.claim, source=rw.source)
         if rw.load_error:
             return [
-                Result(
-                    **base,
-                    dtype=d,
-                    verdict="error",
-                    max_abs_error=None,
-                    max_error_over_bound=None,
-                    examples=0,
-                    counterexample={"message": rw.load_error},
-                )
+                Result(**base, dtype=d, verdict="error", max_abs_error=None, max_error_over_bound=None, examples=0,
+                       counterexample={"message": rw.load_error})
                 for d in dtypes
-            ]
-        s64 = Search()
-        search(MODERATE_PROBLEMS, _scan(rw, backend, "float64", self.cache, s64, "float64"), cfg.examples, s64)
+            ]  # fmt: skip
+        s64 = in_float64()
         results = []
         for dtype in dtypes:
-            if s64.failure is not None:  # inequivalent (or an error) everywhere on this backend
-                verdict = "error" if s64.error else "inequivalent"
-                ce = self._counterexample(rw, backend, "float64", s64)
-                results.append(
-                    Result(
-                        **base,
-                        dtype=dtype,
-                        verdict=verdict,
-                        max_abs_error=s64.max_abs,
-                        max_error_over_bound=s64.max_ratio,
-                        examples=s64.examples,
-                        counterexample=ce,
-                    )
-                )
-                continue
-            s = Search()
-            search(EXTREME_PROBLEMS, _scan(rw, backend, dtype, self.cache, s, "dtype"), cfg.examples, s)
-            if s.failure is not None:
-                verdict = "error" if s.error else "unstable"
-                ce = self._counterexample(rw, backend, dtype, s)
-            else:
+            s = s64 if s64.failure is not None else in_dtype(dtype)
+            if s.failure is None:
                 verdict, ce = ("bitwise" if s.bitwise else "equivalent"), None
-            results.append(
-                Result(
-                    **base,
-                    dtype=dtype,
-                    verdict=verdict,
-                    max_abs_error=s.max_abs,
-                    max_error_over_bound=s.max_ratio,
-                    examples=s.examples + s64.examples,
-                    counterexample=ce,
-                )
-            )
+            else:
+                verdict = "error" if s.error else ("inequivalent" if s is s64 else "unstable")
+                ce = self._counterexample(rw, backend, s64.stats["dtype"] if s is s64 else dtype, s, inputs)
+            examples = s.examples + (0 if s is s64 else s64.examples)
+            results.append(Result(**base, dtype=dtype, verdict=verdict, max_abs_error=s.max_abs,
+                                  max_error_over_bound=s.max_ratio, examples=examples, counterexample=ce))  # fmt: skip
         return results
 
-    def _counterexample(self, rw: Rewrite, backend: str, dtype: str, s: Search, extra: dict | None = None) -> dict:
+    def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        def run(strategy, dtype: str, stage: str) -> Search:
+            s = Search(stats={"dtype": dtype})
+            return search(strategy, _scan(rw, backend, dtype, self.cache, s, stage), self.config.examples, s)
+
+        return self._verdicts(rw, backend, "hypothesis", lambda: run(MODERATE_PROBLEMS, "float64", "float64"),
+                              lambda dtype: run(EXTREME_PROBLEMS, dtype, "dtype"))  # fmt: skip
+
+    def _counterexample(self, rw: Rewrite, backend: str, dtype: str, s: Search, inputs: str) -> dict:
         p = s.failure
-        name = f"{rw.name}-{backend}-{dtype}-{'gpt2' if extra else 'hypothesis'}.npz"
-        path = self.config.report_dir / "counterexamples" / name
+        path = self.config.report_dir / "counterexamples" / f"{rw.name}-{backend}-{dtype}-{inputs}.npz"
         if path not in self._written:  # one float64 failure stands for every dtype
             meta = dict(rewrite=rw.name, backend=backend, dtype=dtype, output=rw.output)
-            if extra:  # a real layer: its weights are GPT-2's, so only x and the layer are saved
+            if inputs == "gpt2":  # a real layer: its weights are GPT-2's, so only x and the layer are saved
                 path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(path, x=p.x, n_head=p.n_head, label=p.label, **meta, **extra)
+                np.savez_compressed(path, x=p.x, n_head=p.n_head, label=p.label, gpt2_layer=s.stats["layer"], **meta)
             else:
                 p.save(path, **meta)
             self._written.add(path)
@@ -364,65 +345,26 @@ class Verifier:
     def gpt2_problems(self) -> list[AttentionProblem]:
         if self._gpt2 is None:
             w = gpt2.load(self.config.gpt2_weights)
-            streams = gpt2.attention_path(
-                w, gpt2.synthetic_stream(w, self.config.gpt2_n_seq, seed=0), w.config.n_layer - 1
-            )
-            self._gpt2 = []
-            for layer, stream in zip(w.layers(), streams, strict=True):
-                self._gpt2.append(layer.problem(layer_norm(stream, layer.ln_g, layer.ln_b, layer.eps)))
+            x = gpt2.synthetic_stream(w, self.config.gpt2_n_seq, seed=0)
+            streams = gpt2.attention_path(w, x, w.config.n_layer - 1)
+            self._gpt2 = [
+                layer.problem(layer_norm(stream, layer.ln_g, layer.ln_b, layer.eps))
+                for layer, stream in zip(w.layers(), streams, strict=True)
+            ]
         return self._gpt2
 
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
-        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
-        base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs="gpt2", claim=rw.claim, source=rw.source)
-        problems = self.gpt2_problems()
-
         def sweep(dtype: str, stage: str) -> Search:
-            s = Search()
+            s = Search(stats={"dtype": dtype})
             failing = _scan(rw, backend, dtype, self.cache, s, stage)
-            for i, p in enumerate(problems):
+            for i, p in enumerate(self.gpt2_problems()):
                 s.examples += 1
                 msg = failing(p)
                 if msg is not None and s.failure is None:
-                    s.failure, s.message, s.to_find, s.stats["layer"] = p, msg, i + 1, i
+                    s.failure, s.message, s.to_find, s.stats["layer"] = p, msg, i + 1, np.int64(i)
             return s
 
-        if rw.load_error:
-            return [
-                Result(
-                    **base,
-                    dtype=d,
-                    verdict="error",
-                    max_abs_error=None,
-                    max_error_over_bound=None,
-                    examples=0,
-                    counterexample={"message": rw.load_error},
-                )
-                for d in dtypes
-            ]
-        s64 = sweep("float64", "float64")
-        results = []
-        for dtype in dtypes:
-            s = s64 if s64.failure is not None else sweep(dtype, "dtype")
-            if s.failure is None:
-                verdict, ce = ("bitwise" if s.bitwise else "equivalent"), None
-            else:
-                verdict = "error" if s.error else ("inequivalent" if s is s64 else "unstable")
-                ce = self._counterexample(
-                    rw, backend, "float64" if s is s64 else dtype, s, {"gpt2_layer": np.int64(s.stats["layer"])}
-                )
-            results.append(
-                Result(
-                    **base,
-                    dtype=dtype,
-                    verdict=verdict,
-                    max_abs_error=s.max_abs,
-                    max_error_over_bound=s.max_ratio,
-                    examples=s.examples,
-                    counterexample=ce,
-                )
-            )
-        return results
+        return self._verdicts(rw, backend, "gpt2", lambda: sweep("float64", "float64"), lambda d: sweep(d, "dtype"))
 
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         results: list[Result] = []
