@@ -33,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
     group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
     group.addoption(
-        "--examples", type=int, default=20, help="examples per verdict search (default 20; the CLI uses 30)"
+        "--examples", type=int, default=30, help="Hypothesis examples per verdict search (default 30)"
     )
 
 

@@ -7,8 +7,8 @@ computation of the same formula in `dtype` may land from the exact result. It is
 running-error analysis (Higham, *Accuracy and Stability of Numerical Algorithms*, ch. 3),
 propagated stage by stage:
 
-* a stored value v is rounded with |error| <= u|v|, or flushed to zero when |v| < tiny
-  (JAX flushes subnormals), so storing costs `u|v| + flush(v)`;
+* a stored value v is rounded with |error| <= u|v|, plus up to `tiny` (the smallest normal
+  number) from underflow, flushed to zero as JAX does: storing costs `u|v| + tiny`;
 * an inner product of length n (n + 1 with a bias added in the accumulator) accumulated
   in precision `ua` (any summation order, FMA or not) errs by at most gamma(n) |A||B|, gamma(n) = n ua / (1 - n ua);
 * softmax is shift-invariant, so the error of the row max cancels; what remains is each
@@ -71,8 +71,10 @@ class Precision:
         return np.where(a < TINY[self.dtype], a, 0.0)
 
     def store(self, v: np.ndarray) -> np.ndarray:
-        """Error from storing v in this dtype."""
-        return self.u * np.abs(v) + self.flush(v)
+        """Error from storing v in this dtype: u|v| plus, as in the standard underflow model
+        (Higham, sec. 2.1) with flush-to-zero, up to `tiny` for any operation, since an
+        equivalent program may underflow in intermediates the reference does not have."""
+        return self.u * np.abs(v) + TINY[self.dtype]
 
     def linear(self, A, eA, B, eB, y, bias=None) -> np.ndarray:
         """Error of y = A @ B + bias, given errors eA, eB of the operands.
