@@ -20,7 +20,7 @@ import numpy as np
 import oracles
 from oracles import backends
 from oracles.gpt2 import GPT2Weights
-from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads
+from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv
 
 
 def _arrays(weights: GPT2Weights, backend: str, dtype: str, n_layers: int | None) -> tuple[list[tuple], tuple]:
@@ -59,7 +59,7 @@ def decode_step(x_t, t, caches, layers, ln_f, n_head: int, eps: float):
     new_caches = []
     for (ln_g, ln_b, w, bias, wo, bo), (k_cache, v_cache) in zip(layers, caches, strict=True):
         h = layer_norm(xp, x_t, ln_g, ln_b, eps)
-        q, k, v = (split_heads(xp, s, n_head) for s in _split3(xp, linear(h, w, bias)))  # [..., H, 1, hd]
+        q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(h, w, bias)))  # [..., H, 1, hd]
         n_max = k_cache.shape[-2]
         k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
         z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
@@ -76,11 +76,6 @@ def write_slot(cache, t, value):
         return cache.at[..., t, :].set(value[..., 0, :])
     cache[..., t, :] = value[..., 0, :]
     return cache
-
-
-def _split3(xp, qkv):
-    e = qkv.shape[-1] // 3
-    return qkv[..., :e], qkv[..., e : 2 * e], qkv[..., 2 * e :]
 
 
 def decode(
