@@ -69,7 +69,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params = []
         for rw in rewrites:
             for p in backend_params(metafunc.config):
-                params.append(pytest.param((rw, *p.values), id=f"{rw.name}-{p.id}", marks=p.marks))
+                group = pytest.mark.xdist_group(f"{rw.name}-{p.values[0]}")  # one verdict search per pair
+                params.append(pytest.param((rw, *p.values), id=f"{rw.name}-{p.id}", marks=[*p.marks, group]))
         metafunc.parametrize("rewrite_case", params)
     elif {"backend", "dtype"} <= set(metafunc.fixturenames):
         marker = metafunc.definition.get_closest_marker("dtypes")
@@ -82,6 +83,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dtypes(*names): run this backend/dtype test only in these dtypes")
+    config.addinivalue_line("markers", "xdist_group(name): tests that pytest-xdist keeps on one worker")
 
 
 @pytest.fixture(scope="session")
@@ -142,11 +144,29 @@ def verdicts(verifier, pytestconfig: pytest.Config):
     return get
 
 
+_FROM_WORKERS: list = []  # with pytest-xdist: verdicts the workers computed
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On a pytest-xdist worker: hand this worker's verdicts to the controller."""
+    out = getattr(session.config, "workeroutput", None)
+    if out is not None:
+        out["verdicts"] = [r.to_json() for rs in _VERDICTS.values() for r in rs]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """On the pytest-xdist controller: collect a finished worker's verdicts."""
+    from rewrites.verify import Result
+
+    _FROM_WORKERS.extend(Result.from_json(d) for d in getattr(node, "workeroutput", {}).get("verdicts", []))
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
-    if not _VERDICTS:
+    results = [r for rs in _VERDICTS.values() for r in rs] + _FROM_WORKERS
+    if not results:
         return
     from rewrites import report
 
-    results = [r for rs in _VERDICTS.values() for r in rs]
     terminalreporter.section("rewrite verdicts")
     terminalreporter.write_line(report.summary(results))

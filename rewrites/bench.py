@@ -10,6 +10,7 @@ float32 matmul peak. Medians of repeated runs.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -20,17 +21,20 @@ import numpy as np
 
 import oracles
 from oracles import backends, gpt2
-from rewrites.catalogue.kv_cache import decode_step
-from rewrites.catalogue.last_token import last_token_only
+from rewrites.catalogue.last_token import last_token_absorbed, last_token_only
+from rewrites.common import array_namespace, linear, project_out, softmax, split_heads, split_qkv
+from rewrites.stack import write_slot
 
 N_SEQ = (64, 128, 256, 512, 1024)
 
 
-def median_time(fn: Callable[[], object], sync: Callable[[object], object], min_total: float = 0.3) -> float:
-    """Median seconds of fn() over at least 5 runs and `min_total` seconds, after a warm-up."""
+def median_time(
+    fn: Callable[[], object], sync: Callable[[object], object], min_total: float = 0.3, min_runs: int = 5
+) -> float:
+    """Median seconds of fn() over at least `min_runs` runs and `min_total` seconds, after a warm-up."""
     sync(fn())
     times: list[float] = []
-    while len(times) < 5 or (sum(times) < min_total and len(times) < 200):
+    while len(times) < min_runs or (sum(times) < min_total and len(times) < 200):
         t = time.perf_counter()
         sync(fn())
         times.append(time.perf_counter() - t)
@@ -70,40 +74,48 @@ def fit_exponent(ns, ts) -> float:
     return float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
 
 
+def kv_step(x_t, k_cache, v_cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """One decoding step at the last slot of a full fixed-size cache [..., H, n, hd], written
+    in place as `rewrites/stack.py` decodes (there it is tested against the full pass)."""
+    xp = array_namespace(x_t)
+    q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(x_t, c_attn_w, c_attn_b)))  # [..., H, 1, hd]
+    t = k_cache.shape[-2] - 1
+    k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
+    z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n]: every slot is filled
+    return project_out(xp, softmax(xp, z) @ v_cache, c_proj_w, c_proj_b)  # [..., 1, n_embd]
+
+
 def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progress) -> dict:
     be, sync = backends.get(backend), _sync(backend)
-    xp = be.namespace
     w = [be.asarray(a, "float32") for a in (layer.c_attn_w, layer.c_attn_b, layer.c_proj_w, layer.c_proj_b)]
     full = _maybe_jit(backend, oracles.oracle(backend).attention, (5,))
     last = _maybe_jit(backend, last_token_only.fn, (5,))
+    absorbed = _maybe_jit(backend, last_token_absorbed.fn, (5,))
+    step = _maybe_jit(backend, kv_step, (7,))
     h = layer.n_head
     hd = x.shape[-1] // h
-
-    def step(x_t, k, v, *ws):
-        cache = {"k": k, "v": v}
-        return decode_step(xp, x_t, cache, *ws, h)
-
-    step = _maybe_jit(backend, step)
-    scores_full = _maybe_jit(backend, lambda q, k: q @ xp.matrix_transpose(k))
+    scores = _maybe_jit(backend, lambda q, k: q @ be.namespace.matrix_transpose(k))
     rows = []
     for n in N_SEQ:
         xs = be.asarray(x[:n], "float32")
         rng = np.random.default_rng(n)
-        k_cache, v_cache = (be.asarray(rng.normal(size=(h, n - 1, hd)), "float32") for _ in range(2))
+        k_cache, v_cache = (be.asarray(rng.normal(size=(h, n, hd)), "float32") for _ in range(2))
         q_all, k_all = (be.asarray(rng.normal(size=(h, n, hd)), "float32") for _ in range(2))
         q_last = be.asarray(rng.normal(size=(h, 1, hd)), "float32")
         row = {
             "n_seq": n,
             "full_s": median_time(partial(full, xs, *w, h), sync),
             "last_token_s": median_time(partial(last, xs, *w, h), sync),
-            "kv_step_s": median_time(partial(step, xs[-1:], k_cache, v_cache, *w), sync),
-            "scores_full_s": median_time(partial(scores_full, q_all, k_all), sync),
-            "scores_last_s": median_time(partial(scores_full, q_last, k_all), sync),
+            "last_absorbed_s": median_time(partial(absorbed, xs, *w, h), sync),
+            "kv_step_s": median_time(partial(step, xs[-1:], k_cache, v_cache, *w, h), sync),
+            "scores_full_s": median_time(partial(scores, q_all, k_all), sync),
+            "scores_last_s": median_time(partial(scores, q_last, k_all), sync),
         }
         row["full_gflops"] = sublayer_flops(n, x.shape[-1]) / row["full_s"] / 1e9
         rows.append(row)
         progress(f"bench {backend} n_seq={n}: full {row['full_s'] * 1e3:.2f} ms, "
-                 f"last {row['last_token_s'] * 1e3:.2f} ms, kv step {row['kv_step_s'] * 1e3:.3f} ms")  # fmt: skip
+                 f"last {row['last_token_s'] * 1e3:.2f} ms, absorbed {row['last_absorbed_s'] * 1e3:.2f} ms, "
+                 f"kv step {row['kv_step_s'] * 1e3:.3f} ms")  # fmt: skip
     ns = [r["n_seq"] for r in rows]
     fits = {k: fit_exponent(ns, [r[k] for r in rows]) for k in rows[0] if k.endswith("_s")}
     peak = matmul_peak(backend)
@@ -114,6 +126,7 @@ def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progr
         "matmul_peak_gflops": peak,
         "full_fraction_of_peak_at_max_n": top["full_gflops"] / peak,
         "last_token_speedup_at_max_n": top["full_s"] / top["last_token_s"],
+        "last_absorbed_speedup_at_max_n": top["full_s"] / top["last_absorbed_s"],
         "kv_step_speedup_at_max_n": top["full_s"] / top["kv_step_s"],
     }
 
@@ -125,7 +138,7 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 5))
-    styles = {"full_s": "-", "last_token_s": "--", "kv_step_s": ":"}
+    styles = {"full_s": "-", "last_token_s": "--", "last_absorbed_s": "-.", "kv_step_s": ":"}
     for backend, res in results.items():
         ns = [r["n_seq"] for r in res["rows"]]
         for key, ls in styles.items():
@@ -141,12 +154,16 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run(report_dir: Path, backend_names: list[str], weights_path: str | None, progress) -> dict:
+def run(report_dir: Path, backend_names: list[str], weights_path: str | None, progress, ranking: bool = True) -> dict:
     weights = gpt2.load(weights_path)
     layer = weights.layer(0)
     x = gpt2.synthetic_stream(weights, max(N_SEQ), seed=0)
     h = oracles.truth.layer_norm(x, layer.ln_g, layer.ln_b, layer.eps)
-    results = {b: bench_backend(b, layer, h, progress) for b in backend_names}
+    results = {}
+    for b in backend_names:
+        results[b] = bench_backend(b, layer, h, progress)
+        if ranking:
+            results[b]["ranking"] = rank(b, layer, h, report_dir, results[b]["matmul_peak_gflops"], progress)
     report_dir.mkdir(parents=True, exist_ok=True)
     meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
     (report_dir / "bench.json").write_text(json.dumps({"meta": meta, "backends": results}, indent=1))
@@ -159,11 +176,109 @@ def summary(results: dict) -> str:
     for backend, r in results.items():
         e = r["exponents"]
         lines.append(
-            f"{backend}: last-token {r['last_token_speedup_at_max_n']:.1f}x faster than full at n_seq {N_SEQ[-1]}, "
+            f"{backend}: at n_seq {N_SEQ[-1]} last-token {r['last_token_speedup_at_max_n']:.1f}x faster than full, "
+            f"absorbed last-token {r['last_absorbed_speedup_at_max_n']:.0f}x, "
             f"KV step {r['kv_step_speedup_at_max_n']:.0f}x cheaper; exponents full {e['full_s']:.2f}, "
-            f"last {e['last_token_s']:.2f}, scores full {e['scores_full_s']:.2f}, "
+            f"last {e['last_token_s']:.2f}, absorbed {e['last_absorbed_s']:.2f}, scores full {e['scores_full_s']:.2f}, "
             f"scores last {e['scores_last_s']:.2f}; "
             f"full sublayer {r['rows'][-1]['full_gflops']:.1f} GFLOP/s = "
             f"{100 * r['full_fraction_of_peak_at_max_n']:.0f}% of the {r['matmul_peak_gflops']:.0f} GFLOP/s matmul peak"
         )
+    for backend, r in results.items():
+        if "ranking" in r:
+            lines += ["", ranking_table(backend, r["ranking"])]
     return "\n".join(lines)
+
+
+def ranking_table(backend: str, ranking: dict) -> str:
+    """Markdown: the rewrites fastest first, against the oracle, at n_seq RANK_N."""
+    from rewrites.report import markdown_table
+
+    rows = []
+    for r in ranking["rows"]:
+        t = r["seconds"]
+        rows.append([
+            r["rewrite"], r["output"], {"verified": "yes", UNVERIFIED: "no verdict"}.get(r["status"], r["status"]),
+            "-" if t is None else f"{t * 1e3:.2f}",
+            "-" if t is None else f"{r['speedup_vs_oracle']:.2f}x",
+            f"{r['gflops']:.0f} ({100 * r['fraction_of_peak']:.0f}%)" if "gflops" in r else "-",
+            r["note"],
+        ])  # fmt: skip
+    title = (f"{backend}: equivalent rewrites by speed, real layer 0, float32, n_seq {ranking['n_seq']} "
+             f"(oracle {ranking['oracle_s'] * 1e3:.2f} ms)")  # fmt: skip
+    header = ["rewrite", "output", "verified", "ms", "vs oracle", "GFLOP/s (% of peak)", "note"]
+    return title + "\n" + markdown_table(header, rows)
+
+
+# --- the equivalent rewrites ranked by speed -------------------------------------------------
+
+RANK_N = N_SEQ[-1]
+UNVERIFIED = "unverified (not in verdicts.json: run `attention-rewrites verify` first)"
+BUDGET_S = 5.0  # a rewrite predicted to need longer than this for one call at RANK_N is not timed there
+
+
+def verified_status(report_dir: Path) -> dict[tuple[str, str], str]:
+    """(rewrite, backend) -> "verified" when every float32 verdict of the last `verify` run
+    (report_dir/verdicts.json) is bitwise or equivalent, else "contradicted" or "error"."""
+    path = report_dir / "verdicts.json"
+    if not path.exists():
+        return {}
+    status: dict[tuple[str, str], str] = {}
+    for r in json.loads(path.read_text())["results"]:
+        if r["dtype"] != "float32":
+            continue
+        key, ok = (r["rewrite"], r["backend"]), r["verdict"] in ("bitwise", "equivalent")
+        if status.get(key, "verified") == "verified":
+            status[key] = "verified" if ok else r["verdict"]
+    return status
+
+
+def _time_rewrite(fn: Callable, be, sync, x: np.ndarray, w: list, h: int) -> tuple[float | None, str]:
+    """Median seconds of one call at RANK_N, climbing n_seq 16 -> 64 -> 256 -> RANK_N and
+    giving up where the next rung would pass BUDGET_S: a call's time times 16 (a quadratic
+    Python loop), or its first call's (JAX: compilation, which grows with an unrolled loop) times 4."""
+    for n in (16, 64, 256, RANK_N):
+        xs = be.asarray(x[:n], "float32")
+        start = time.perf_counter()
+        sync(fn(xs, *w, h))
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        sync(fn(xs, *w, h))
+        again = time.perf_counter() - start
+        if n < RANK_N and (16 * again > BUDGET_S or 4 * first > BUDGET_S):
+            return None, f"not timed at n_seq {RANK_N}: a call took {again:.2f}s ({first:.2f}s the first) at n_seq {n}"
+    return median_time(partial(fn, xs, *w, h), sync, min_runs=3 if again > 1 else 5), ""
+
+
+def rank(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, report_dir: Path, peak: float, progress) -> dict:
+    """Every rewrite claimed or verified equivalent, timed on the real layer at n_seq RANK_N
+    against `backend`'s oracle; fastest first. Full-output rewrites also get GFLOP/s
+    (counting the plain computation's FLOPs) as a fraction of the measured matmul peak."""
+    from rewrites.registry import catalogue
+
+    be, sync = backends.get(backend), _sync(backend)
+    w = [be.asarray(a, "float32") for a in (layer.c_attn_w, layer.c_attn_b, layer.c_proj_w, layer.c_proj_b)]
+    h, status = layer.n_head, verified_status(report_dir)
+    oracle = _maybe_jit(backend, oracles.oracle(backend).attention, (5,))
+    oracle_s = median_time(partial(oracle, be.asarray(x[:RANK_N], "float32"), *w, h), sync)
+    flops = sublayer_flops(RANK_N, x.shape[-1])
+    rows = []
+    for rw in catalogue():
+        st = status.get((rw.name, backend), UNVERIFIED)
+        if rw.fn is None or rw.claim not in ("bitwise", "equivalent", None) or st not in ("verified", UNVERIFIED):
+            continue  # mutants, and rewrites whose float32 verdict contradicts equivalence
+        seconds, note = _time_rewrite(_maybe_jit(backend, rw.implementation(backend), (5,)), be, sync, x, w, h)
+        row = {"rewrite": rw.name, "output": rw.output, "status": st, "seconds": seconds, "note": note}
+        if seconds is not None:
+            row["speedup_vs_oracle"] = oracle_s / seconds
+            if rw.output == "full":
+                row["gflops"] = flops / seconds / 1e9
+                row["fraction_of_peak"] = row["gflops"] / peak
+        rows.append(row)
+        progress(f"rank {backend} {rw.name}: " + (f"{seconds * 1e3:.2f} ms" if seconds is not None else note))
+    if backend == "jax":
+        from rewrites.verify import release_jax_executables
+
+        release_jax_executables()
+    rows.sort(key=lambda r: math.inf if r["seconds"] is None else r["seconds"])
+    return {"oracle_s": oracle_s, "n_seq": RANK_N, "rows": rows}

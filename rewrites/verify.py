@@ -91,6 +91,11 @@ class Result:
                 d[k] = str(d[k])
         return d
 
+    @classmethod
+    def from_json(cls, d: dict) -> Result:
+        num = {k: None if d[k] is None else float(d[k]) for k in ("max_abs_error", "max_error_over_bound")}
+        return cls(**{**d, **num})
+
 
 def claim_holds(claim: str | None, verdict: str, inputs: str, dtype: str) -> bool:
     """Does this verdict contradict the claim? `bitwise` and `equivalent` are universal

@@ -51,3 +51,23 @@ def lower_triangle_only(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
         z = q[..., i : i + 1, :] @ xp.matrix_transpose(k[..., : i + 1, :]) / math.sqrt(q.shape[-1])  # [..., H, 1, i+1]
         rows.append(softmax(xp, z) @ v[..., : i + 1, :])
     return project_out(xp, xp.concat(rows, axis=-2), c_proj_w, c_proj_b)
+
+
+@rewrite(family="masks", claim="equivalent")
+def causal_query_blocks(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Queries in 8 blocks, each scored only against the keys up to its last position.
+
+    The tiles above the diagonal are all masked, so they are never computed: about 56% of
+    the score and weights@v FLOPs (FlashAttention's causal skip, without its online
+    softmax; each row's softmax still sees all of its keys at once). Eight blocks at every
+    n_seq, so even the short sequences of a search cross block borders."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n, hd]
+    n = q.shape[-2]
+    size = -(-n // 8)  # ceil(n / 8)
+    out = []
+    for start in range(0, n, size):
+        end = min(start + size, n)
+        z = q[..., start:end, :] @ xp.matrix_transpose(k[..., :end, :]) / math.sqrt(q.shape[-1])  # [..., H, b, end]
+        z = xp.where(causal(xp, end - start, end, offset=start), z, -math.inf)
+        out.append(softmax(xp, z) @ v[..., :end, :])  # [..., H, b, hd]
+    return project_out(xp, xp.concat(out, axis=-2), c_proj_w, c_proj_b)
