@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from oracles import backends, gpt2
+from rewrites.verify import without_local_constants
 
 _COMMON = dict(
     deadline=None,  # first calls compile (JAX); timing belongs in benchmarks, not tests
@@ -25,6 +26,7 @@ settings.register_profile("dev", max_examples=25, **_COMMON)
 settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+without_local_constants()  # derandomised examples must not depend on what a process imported
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -66,9 +68,11 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             rewrites = catalogue(names=metafunc.config.getoption("rewrite"))
         except ValueError as e:
             raise pytest.UsageError(f"--rewrite: {e}") from None
+        from rewrites.verify import CLAIM_DTYPES
+
         params = []
-        for rw in rewrites:
-            for p in backend_params(metafunc.config):
+        for rw in rewrites:  # claims are held in float64 and float32; `verify` reports half precision
+            for p in backend_params(metafunc.config, CLAIM_DTYPES):
                 group = pytest.mark.xdist_group(f"{rw.name}-{p.values[0]}")  # one verdict search per pair
                 params.append(pytest.param((rw, *p.values), id=f"{rw.name}-{p.id}", marks=[*p.marks, group]))
         metafunc.parametrize("rewrite_case", params)
@@ -115,11 +119,14 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 
 @pytest.fixture(scope="session")
 def verifier(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
-    from rewrites.verify import Config, Verifier
+    from rewrites.verify import CLAIM_DTYPES, Config, Verifier
 
     weights = pytestconfig.getoption("gpt2_weights")
     cfg = Config(
-        examples=pytestconfig.getoption("examples"), gpt2_weights=weights, report_dir=tmp_path_factory.mktemp("report")
+        examples=pytestconfig.getoption("examples"),
+        gpt2_weights=weights,
+        report_dir=tmp_path_factory.mktemp("report"),
+        dtypes=CLAIM_DTYPES,
     )
     return Verifier(cfg)
 

@@ -31,9 +31,10 @@ MODERATE = (1.0, 0.5, 2.0)
 #: which moves towards the front, finds the mildest scale that still fails.
 EXTREME = (1.0, 0.5, 2.0, 8.0, 32.0, 128.0, 2.0**-10, 2.0**-60)
 
-#: Extra factors on the query projection alone: logits of order 1e2..1e6 with ordinary
-#: values everywhere else (exp(88) already overflows float32; a -1e4 mask leaks at 1e4).
-LARGE_LOGITS = (1.0, 100.0, 3e4, 1e6)
+#: Extra factors on the query projection alone: logits of order 1e2..1e11 with ordinary
+#: values everywhere else (exp(88) already overflows float32; a -1e4 mask leaks at 1e4;
+#: picoGPT's -1e10 mask past 1e10, which only float64 holds within the bound).
+LARGE_LOGITS = (1.0, 100.0, 3e4, 1e6, 1e11)
 
 BATCHES = ((), (1,), (2,), (2, 1))
 

@@ -2,15 +2,15 @@
 
 Verdicts come from the same engine as `attention-rewrites verify` (rewrites/verify.py),
 computed once per rewrite and backend and shared by that pair's dtype cases. A
-contradicted claim fails its case with the counterexample and how to replay it."""
+contradicted claim fails its case with the counterexample and how to replay it. Claims
+are held in float64 and float32 (CLAIM_DTYPES), so only those are searched here; the
+float16 and bfloat16 verdicts, reported but not held, come from `attention-rewrites verify`."""
 
 from __future__ import annotations
 
 import json
 
 import pytest
-
-from rewrites.verify import CLAIM_DTYPES
 
 
 def test_rewrite_claim(rewrite_case, verdicts):
@@ -25,5 +25,3 @@ def test_rewrite_claim(rewrite_case, verdicts):
             for r in bad
         )
         pytest.fail(f"{rw.name} claims {rw.claim!r} on {backend} {dtype}:\n{details}", pytrace=False)
-    if dtype not in CLAIM_DTYPES:  # reported, not held to the claim: still it must run
-        assert all(r.verdict != "error" for r in results)

@@ -79,10 +79,11 @@ class Result:
     examples: int
     counterexample: dict | None = None
     source: str = "built-in"
+    witness: str | None = None  # for an `unstable` claim: a claim dtype where the search found it
 
     @property
     def claim_holds(self) -> bool:
-        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype)
+        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype, self.witness)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -97,11 +98,14 @@ class Result:
         return cls(**{**d, **num})
 
 
-def claim_holds(claim: str | None, verdict: str, inputs: str, dtype: str) -> bool:
+def claim_holds(claim: str | None, verdict: str, inputs: str, dtype: str, witness: str | None = None) -> bool:
     """Does this verdict contradict the claim? `bitwise` and `equivalent` are universal
     claims (any failure contradicts them); `unstable` and `inequivalent` claim that a
     counterexample exists, which the Hypothesis search must find; real GPT-2 inputs may
-    well be benign for them. Only CLAIM_DTYPES are held to the claim."""
+    well be benign for them. An instability may show in one dtype only (a leak at logits
+    that only float64 can hold): it is enough that the search found it in one of the
+    CLAIM_DTYPES (`witness`), if the other dtypes at least stay within the bound. Only
+    CLAIM_DTYPES are held to the claim."""
     if claim is None or dtype not in CLAIM_DTYPES:
         return True
     if verdict == "error":
@@ -112,6 +116,8 @@ def claim_holds(claim: str | None, verdict: str, inputs: str, dtype: str) -> boo
         return verdict in ("bitwise", "equivalent")
     if inputs == "gpt2":
         return True
+    if claim == "unstable" and witness is not None:
+        return verdict in ("bitwise", "equivalent", "unstable")
     return verdict == claim
 
 
@@ -222,8 +228,23 @@ class Search:
     stats: dict = field(default_factory=dict)
 
 
+def without_local_constants() -> None:
+    """Make derandomised searches depend on the seed alone. Hypothesis (6.131 on) also draws
+    constants found in the *local* modules present in sys.modules, so the examples of a
+    search changed with what else the process had imported: under pytest-xdist a worker
+    found picoGPT's -1e10 mask leaking in float64 that a lone run never drew, and missed the
+    -1e4 leak. This turns that off (a private hook, left alone if Hypothesis renames it)."""
+    from hypothesis.internal.conjecture import providers
+
+    if hasattr(providers, "_get_local_constants") and hasattr(providers, "Constants"):
+        empty = providers.Constants()
+        providers._get_local_constants = lambda: empty
+        providers.CONSTANTS_CACHE.cache.clear()
+
+
 def search(strategy, failing: Callable[[AttentionProblem], str | None], examples: int, s: Search) -> Search:
     """Look for a problem where `failing` returns a message; shrink it; count into `s`."""
+    without_local_constants()
 
     def condition(problem: AttentionProblem) -> bool:
         s.examples += 1
@@ -316,6 +337,9 @@ class Verifier:
             examples = s.examples + (0 if s is s64 else s64.examples)
             results.append(Result(**base, dtype=dtype, verdict=verdict, max_abs_error=s.max_abs,
                                   max_error_over_bound=s.max_ratio, examples=examples, counterexample=ce))  # fmt: skip
+        witness = next((r.dtype for r in results if r.verdict == "unstable" and r.dtype in CLAIM_DTYPES), None)
+        for r in results:
+            r.witness = witness
         return results
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:

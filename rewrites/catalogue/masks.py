@@ -20,9 +20,13 @@ def mask_additive_neg_inf(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return project_out(xp, softmax(xp, z + bias) @ v, c_proj_w, c_proj_b)
 
 
-@rewrite(family="masks", claim="equivalent")
+@rewrite(family="masks", claim="unstable")
 def mask_pico_minus_1e10(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """picoGPT's additive (1 - tri) * -1e10 (in float16 -1e10 is -inf, and 0 * -inf is NaN)."""
+    """picoGPT's additive (1 - tri) * -1e10: leaks at logits near 1e10; NaN in float16 (0 * -inf).
+
+    Fine at any logit GPT-2 produces. But -1e10 is a number, not -inf: once logits reach
+    about 1e10 (which float64 holds within the bound, float32 does not) the future gets
+    weight again; and in float16 -1e10 rounds to -inf, and 0 * -inf is NaN."""
     xp, z, v, allowed = _scores(x, c_attn_w, c_attn_b, n_head)
     tri = xp.astype(allowed, z.dtype)
     return project_out(xp, softmax(xp, z + (1 - tri) * -1e10) @ v, c_proj_w, c_proj_b)
