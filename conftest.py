@@ -11,6 +11,11 @@ from __future__ import annotations
 
 import os
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers share the cores
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+
 import pytest
 from hypothesis import HealthCheck, settings
 

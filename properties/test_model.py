@@ -33,6 +33,13 @@ def checkpoint(request, gpt2_weights, tmp_path_factory) -> gpt2.GPT2Weights:
     return gpt2.load(gpt2.synthetic_checkpoint(gpt2_weights, path, seed=0))
 
 
+def longest(weights: gpt2.GPT2Weights) -> int:
+    """The longest reduction in a block, which sets the path's typical rounding: the MLP's
+    c_proj sums 4 n_embd terms. (In float64 the plain reference *is* the truth, so this term
+    is all the criterion has.)"""
+    return 4 * weights.config.n_embd
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return cli.tokenizer()
@@ -70,7 +77,7 @@ def test_full_model_and_kv_decoding_match_the_reference(checkpoint, backend, dty
         ("forward", stack.forward(checkpoint, x, backend, dtype, n_layers)),
         ("KV decode", stack.decode(checkpoint, x, backend, dtype, n_layers)),
     ):
-        ok, msg = stack.within_reference_error(got, plain, exact, dtype, n_layers)
+        ok, msg = stack.within_reference_error(got, plain, exact, dtype, n_layers, reduction=longest(checkpoint))
         assert ok, f"{what}, {n_layers} layers: {msg}"
 
 
@@ -89,7 +96,7 @@ def test_greedy_generation_with_the_cache_matches_recomputation(checkpoint, back
     for s, (token, logits) in enumerate(steps):
         ids = prompt + new[:s]
         exact, plain = model.logits(checkpoint, ids)[-1], model.logits(checkpoint, ids, "float32")[-1]
-        depth, e = checkpoint.config.n_layer + 1, checkpoint.config.n_embd  # the LM head: one more reduction
+        depth, e = checkpoint.config.n_layer + 1, longest(checkpoint)  # the LM head: one more reduction
         ok, msg = stack.within_reference_error(logits, plain, exact, "float32", depth, reduction=e)
         assert ok, f"logits of new token {s}: {msg}"
         best = int(np.argmax(exact))
