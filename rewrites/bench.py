@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -154,6 +155,15 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def machine() -> str:
+    """The CPU model (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def run(report_dir: Path, backend_names: list[str], weights_path: str | None, progress, ranking: bool = True) -> dict:
     weights = gpt2.load(weights_path)
     layer = weights.layer(0)
@@ -165,7 +175,7 @@ def run(report_dir: Path, backend_names: list[str], weights_path: str | None, pr
         if ranking:
             results[b]["ranking"] = rank(b, layer, h, report_dir, results[b]["matmul_peak_gflops"], progress)
     report_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.processor() or platform.machine(), "python": platform.python_version()}
+    meta = {"machine": machine(), "cpus": os.cpu_count(), "python": platform.python_version()}
     (report_dir / "bench.json").write_text(json.dumps({"meta": meta, "backends": results}, indent=1))
     plot(results, report_dir / "bench.png")
     return results

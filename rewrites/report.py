@@ -74,10 +74,13 @@ def summary(results: Sequence[Result]) -> str:
 
 
 def mutant_table(results: Sequence[Result]) -> str:
-    """For each rewrite claiming a counterexample: its shrunk size and how many examples it took."""
+    """For each rewrite claiming a counterexample: its shrunk size and how many examples it
+    took, in float32, or in the dtype that witnessed an instability float32 cannot show."""
     rows = []
     for r in results:
-        if r.inputs != "hypothesis" or r.claim not in ("inequivalent", "unstable") or r.dtype != "float32":
+        if r.inputs != "hypothesis" or r.claim not in ("inequivalent", "unstable"):
+            continue
+        if r.dtype != (r.witness if r.claim == "unstable" and r.witness else "float32"):
             continue
         ce = r.counterexample or {}
         shape = ce.get("shape", {})
@@ -85,7 +88,7 @@ def mutant_table(results: Sequence[Result]) -> str:
             [
                 r.rewrite,
                 r.backend,
-                r.verdict,
+                f"{r.verdict} ({r.dtype})",
                 ce.get("examples_to_find", "-"),
                 shape.get("n_seq", "-"),
                 shape.get("n_head", "-"),
@@ -93,7 +96,7 @@ def mutant_table(results: Sequence[Result]) -> str:
                 shape.get("batch", "-"),
             ]
         )
-    header = ["rewrite", "backend", "verdict (float32)", "examples to find", "n_seq", "n_head", "head_dim", "batch"]
+    header = ["rewrite", "backend", "verdict (dtype)", "examples to find", "n_seq", "n_head", "head_dim", "batch"]
     return markdown_table(header, rows)
 
 
