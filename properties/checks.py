@@ -8,6 +8,8 @@ the oracles is known to fail for a fault (`test_fault_injection.py`).
 
 from __future__ import annotations
 
+import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,19 +29,40 @@ def oracle_runner(backend: str, dtype: str) -> Runner:
     return lambda problem: oracles.run(backend, problem, dtype)
 
 
-_TRUTHS: OrderedDict[tuple, Truth] = OrderedDict()
+_TRUTHS: OrderedDict[str, Truth] = OrderedDict()
+_ROUNDED_KEYS: weakref.WeakKeyDictionary[AttentionProblem, dict] = weakref.WeakKeyDictionary()
+#: A full-context GPT-2 truth holds a few hundred MB of intermediates; Hypothesis's are tiny.
+TRUTH_CACHE_BYTES = 2 * 2**30
+
+
+def _nbytes(t: Truth) -> int:
+    return sum(a.nbytes for a in (t.out, t.qkv, t.z, t.p, t.o, *t.problem.arrays()))
 
 
 def truth_for(problem: AttentionProblem, backend: str, dtype: str) -> Truth:
-    """Ground truth of `problem` as `backend` sees it in `dtype` (inputs rounded). Cached, as
-    every backend rounds to a dtype identically and the same problem is checked many times."""
-    rounded = oracles.rounded(problem, backend, dtype)
-    key = (*(a.tobytes() for a in rounded.arrays()), rounded.n_head, rounded.x.shape)
-    if key not in _TRUTHS:
-        _TRUTHS[key] = ground_truth(rounded)
-        if len(_TRUTHS) > 16:  # a full-context GPT-2 truth is a few hundred MB
-            _TRUTHS.popitem(last=False)
-    return _TRUTHS[key]
+    """Ground truth of `problem` as `backend` sees it in `dtype` (inputs rounded). The one
+    truth cache of the project (the verifier uses it too): keyed by the content of the
+    rounded inputs, so backends that round alike share a truth, and each problem object is
+    rounded and hashed once per backend and dtype (a real layer is ~14 MB). Least recently
+    used truths go once the cache holds TRUTH_CACHE_BYTES."""
+    keys = _ROUNDED_KEYS.setdefault(problem, {})
+    rounded = None
+    if (backend, dtype) not in keys:
+        rounded = oracles.rounded(problem, backend, dtype)
+        h = hashlib.sha1(repr((rounded.n_head, rounded.x.shape)).encode())
+        for a in rounded.arrays():
+            h.update(a.tobytes())
+        keys[(backend, dtype)] = h.hexdigest()
+    key = keys[(backend, dtype)]
+    if key in _TRUTHS:
+        _TRUTHS.move_to_end(key)
+        return _TRUTHS[key]
+    truth = ground_truth(rounded if rounded is not None else oracles.rounded(problem, backend, dtype))
+    _TRUTHS[key] = truth
+    total = sum(map(_nbytes, _TRUTHS.values()))
+    while total > TRUTH_CACHE_BYTES and len(_TRUTHS) > 1:
+        total -= _nbytes(_TRUTHS.popitem(last=False)[1])
+    return truth
 
 
 def representable(truth: Truth, dtype: str) -> bool:

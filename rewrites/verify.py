@@ -36,8 +36,8 @@ from hypothesis.errors import NoSuchExample
 import oracles
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
-from oracles.truth import Truth, ground_truth, layer_norm
-from properties.checks import excess, representable
+from oracles.truth import Truth, layer_norm
+from properties.checks import excess, representable, truth_for
 from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems
 from rewrites.registry import Rewrite
 
@@ -138,7 +138,7 @@ def _key(problem: AttentionProblem) -> str:
 
 
 class Cache:
-    """Truths and oracle outputs, shared by all rewrites (they see the same examples)."""
+    """Oracle outputs (and, through properties.checks, truths), shared by all rewrites (they see the same examples)."""
 
     def __init__(self, limit: int = 20000) -> None:
         self.limit, self.items = limit, {}
@@ -151,9 +151,7 @@ class Cache:
         return self.items[key]
 
     def truth(self, problem: AttentionProblem, backend: str, dtype: str) -> Truth:
-        return self.get(
-            ("truth", _key(problem), backend, dtype), lambda: ground_truth(oracles.rounded(problem, backend, dtype))
-        )
+        return truth_for(problem, backend, dtype)  # the project's one truth cache
 
     def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
         return self.get(("oracle", _key(problem), backend, dtype), lambda: oracles.run(backend, problem, dtype))
