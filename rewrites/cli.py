@@ -200,7 +200,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     new = stack.generate(weights, prompt, args.n_tokens, backend, dtype, show)
     elapsed = time.perf_counter() - start
     print()
-    progress(f"{len(new)} tokens in {elapsed:.1f}s ({len(new) / elapsed:.1f} tokens/s, prompt included)")
+    rate = len(new) / elapsed
+    progress(
+        f"{len(new)} tokens in {elapsed:.1f}s ({rate:.1f}/s, counting the prompt and moving the weights to {backend})"
+    )
     if weights.synthetic:
         progress("SYNTHETIC checkpoint: random MLP and token embedding, so this text means nothing")
     if args.check:
