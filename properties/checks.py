@@ -30,6 +30,7 @@ def oracle_runner(backend: str, dtype: str) -> Runner:
 
 
 _TRUTHS: OrderedDict[str, Truth] = OrderedDict()
+_TRUTH_BYTES = [0]  # what _TRUTHS holds, kept as entries come and go
 _ROUNDED_KEYS: weakref.WeakKeyDictionary[AttentionProblem, dict] = weakref.WeakKeyDictionary()
 #: A full-context GPT-2 truth holds a few hundred MB of intermediates; Hypothesis's are tiny.
 TRUTH_CACHE_BYTES = 2 * 2**30
@@ -59,9 +60,9 @@ def truth_for(problem: AttentionProblem, backend: str, dtype: str) -> Truth:
         return _TRUTHS[key]
     truth = ground_truth(rounded if rounded is not None else oracles.rounded(problem, backend, dtype))
     _TRUTHS[key] = truth
-    total = sum(map(_nbytes, _TRUTHS.values()))
-    while total > TRUTH_CACHE_BYTES and len(_TRUTHS) > 1:
-        total -= _nbytes(_TRUTHS.popitem(last=False)[1])
+    _TRUTH_BYTES[0] += _nbytes(truth)
+    while _TRUTH_BYTES[0] > TRUTH_CACHE_BYTES and len(_TRUTHS) > 1:
+        _TRUTH_BYTES[0] -= _nbytes(_TRUTHS.popitem(last=False)[1])
     return truth
 
 

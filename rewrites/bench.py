@@ -23,8 +23,7 @@ import numpy as np
 import oracles
 from oracles import backends, gpt2
 from rewrites.catalogue.last_token import last_token_absorbed, last_token_only
-from rewrites.common import array_namespace, linear, project_out, softmax, split_heads, split_qkv
-from rewrites.stack import write_slot
+from rewrites.stack import attend_cached
 
 N_SEQ = (64, 128, 256, 512, 1024)
 
@@ -75,26 +74,18 @@ def fit_exponent(ns, ts) -> float:
     return float(np.polyfit(np.log(ns), np.log(ts), 1)[0])
 
 
-def kv_step(x_t, k_cache, v_cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """One decoding step at the last slot of a full fixed-size cache [..., H, n, hd], written
-    in place as `rewrites/stack.py` decodes (there it is tested against the full pass)."""
-    xp = array_namespace(x_t)
-    q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(x_t, c_attn_w, c_attn_b)))  # [..., H, 1, hd]
-    t = k_cache.shape[-2] - 1
-    k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
-    z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n]: every slot is filled
-    return project_out(xp, softmax(xp, z) @ v_cache, c_proj_w, c_proj_b)  # [..., 1, n_embd]
-
-
 def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progress) -> dict:
     be, sync = backends.get(backend), _sync(backend)
     w = [be.asarray(a, "float32") for a in (layer.c_attn_w, layer.c_attn_b, layer.c_proj_w, layer.c_proj_b)]
     full = _maybe_jit(backend, oracles.oracle(backend).attention, (5,))
     last = _maybe_jit(backend, last_token_only.fn, (5,))
     absorbed = _maybe_jit(backend, last_token_absorbed.fn, (5,))
-    step = _maybe_jit(backend, kv_step, (7,))
     h = layer.n_head
     hd = x.shape[-1] // h
+    # one decoding step at the last slot of a full cache, exactly as `stack.decode` runs it
+    step = _maybe_jit(
+        backend, lambda x_t, k, v, *ws: attend_cached(be.namespace, x_t, k.shape[-2] - 1, k, v, *ws, h)[0]
+    )
     scores = _maybe_jit(backend, lambda q, k: q @ be.namespace.matrix_transpose(k))
     rows = []
     for n in N_SEQ:
@@ -108,7 +99,7 @@ def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progr
             "full_s": median_time(partial(full, xs, *w, h), sync),
             "last_token_s": median_time(partial(last, xs, *w, h), sync),
             "last_absorbed_s": median_time(partial(absorbed, xs, *w, h), sync),
-            "kv_step_s": median_time(partial(step, xs[-1:], k_cache, v_cache, *w, h), sync),
+            "kv_step_s": median_time(partial(step, xs[-1:], k_cache, v_cache, *w), sync),
             "scores_full_s": median_time(partial(scores, q_all, k_all), sync),
             "scores_last_s": median_time(partial(scores, q_last, k_all), sync),
         }

@@ -23,7 +23,8 @@ import numpy as np
 
 import oracles
 from oracles import backends, model
-from oracles.gpt2 import GPT2Weights
+from oracles.gpt2 import GPT2Weights, attention_path
+from oracles.truth import layer_norm as ln64
 from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv
 
 
@@ -70,20 +71,29 @@ def layer_norm(xp, x, g, b, eps: float):
     return d / xp.sqrt(xp.mean(d * d, axis=-1, keepdims=True) + eps) * g + b
 
 
+def attend_cached(xp, h, t, k_cache, v_cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int):
+    """The attention sublayer for one token h [..., 1, n_embd] at position t: its k, v are
+    written into slot t of the caches [..., n_head, n_max, head_dim], and it attends over
+    slots 0..t. Returns (output [..., 1, n_embd], k_cache, v_cache)."""
+    q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(h, c_attn_w, c_attn_b)))  # [..., H, 1, hd]
+    n_max = k_cache.shape[-2]
+    k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
+    z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
+    z = xp.where(xp.arange(n_max) <= t, z, -math.inf)  # slots after t are empty
+    return linear(merge_heads(xp, softmax(xp, z) @ v_cache), c_proj_w, c_proj_b), k_cache, v_cache
+
+
 def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float):
     """One token [..., 1, n_embd] at position t through every layer; returns (ln_f output, caches).
 
     caches: per layer (k, v), each [..., n_head, n_max, head_dim]; position t is written."""
     xp = array_namespace(x_t)
     new_caches = []
-    for (ln_g, ln_b, w, bias, wo, bo), mlp, (k_cache, v_cache) in zip(layers, mlps, caches, strict=True):
-        h = layer_norm(xp, x_t, ln_g, ln_b, eps)
-        q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(h, w, bias)))  # [..., H, 1, hd]
-        n_max = k_cache.shape[-2]
-        k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
-        z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
-        z = xp.where(xp.arange(n_max) <= t, z, -math.inf)  # slots after t are empty
-        x_t = x_t + linear(merge_heads(xp, softmax(xp, z) @ v_cache), wo, bo)
+    for (ln_g, ln_b, *attn), mlp, (k_cache, v_cache) in zip(layers, mlps, caches, strict=True):
+        a, k_cache, v_cache = attend_cached(
+            xp, layer_norm(xp, x_t, ln_g, ln_b, eps), t, k_cache, v_cache, *attn, n_head
+        )
+        x_t = x_t + a
         if mlp is not None:
             x_t = mlp_residual(xp, x_t, *mlp, eps)
         new_caches.append((k_cache, v_cache))
@@ -154,7 +164,8 @@ def generate(
     xp = be.namespace
     attn, mlps, ln_f = _arrays(weights, backend, dtype, None)
     n_max = len(prompt) + n_new - 1  # the last new token is never fed back
-    model.embed(weights, [], start=n_max)  # raises if the context is exceeded
+    if n_max > c.n_ctx:
+        raise ValueError(f"{len(prompt)} prompt + {n_new} new tokens exceed GPT-2's context of {c.n_ctx}")
     wte_t = be.asarray(weights["wte.weight"].T, dtype)  # [n_embd, n_vocab]
     caches, step = _empty_caches(weights, backend, dtype, (), max(n_max, 1), len(attn)), _step_function(backend)
     ids = list(prompt)
@@ -172,12 +183,8 @@ def generate(
 def truth(weights: GPT2Weights, x: np.ndarray, n_layers: int | None = None) -> np.ndarray:
     """The stack in float64, then ln_f: the picoGPT-style model of oracles/model.py for a
     complete checkpoint, truth.py's attention along the attention path otherwise."""
-    from oracles.gpt2 import attention_path
-
     if weights.is_complete:
         return model.blocks(weights, x, "float64", n_layers)
-    from oracles.truth import layer_norm as ln64
-
     g, b = (np.asarray(weights[f"ln_f.{k}"], np.float64) for k in ("weight", "bias"))
     return ln64(attention_path(weights, x, n_layers)[-1], g, b, weights.config.eps)
 

@@ -226,6 +226,7 @@ class Search:
     stats: dict = field(default_factory=dict)
 
 
+@functools.cache  # once per process: the patched hook stays patched
 def without_local_constants() -> None:
     """Make derandomised searches depend on the seed alone. Hypothesis (6.131 on) also draws
     constants found in the *local* modules present in sys.modules, so the examples of a
