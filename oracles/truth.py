@@ -17,7 +17,7 @@ propagated stage by stage:
 * errors already present propagate through each product as eA|B| + |A|eB.
 
 u is the unit roundoff of the storage dtype. float16 and bfloat16 products and sums are
-accumulated in float32 on all three backends (checked by `properties/test_bounds.py`),
+accumulated in float32 on all three backends (checked by `properties/tests/test_bounds.py`),
 so for them ua is float32's. The bound is worst case: it holds for any summation order
 and any correct kernel, so real errors sit one to three orders of magnitude below it.
 Where a true intermediate does not fit the dtype's range, or a logit is so large that one

@@ -16,7 +16,7 @@ import pytest
 from rewrites import registry
 from rewrites.verify import Config, Verifier
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def readme_block(marker: str) -> str:
