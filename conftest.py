@@ -112,9 +112,8 @@ def gpt2_weights(pytestconfig: pytest.Config) -> gpt2.GPT2Weights:
 def _release_jax_executables():
     """Compiled JAX executables map memory; a whole suite in one process must let them go."""
     yield
-    from rewrites.verify import release_jax_executables
-
-    release_jax_executables()
+    for name in backends.available():
+        backends.get(name).release()
 
 
 # --- rewrite verdicts: computed once per (rewrite, backend), shown in the terminal summary -----

@@ -1,19 +1,27 @@
-"""Array backends: how to move a float64 NumPy problem into NumPy, JAX or PyTorch and back.
+"""Array backends: everything that differs between NumPy, JAX and PyTorch, in one object.
 
-A backend is optional: `available()` lists the ones that import, and `get(name)` raises
-`BackendUnavailable` (with the reason) for one that does not, so tests can skip cleanly.
+A `Backend` moves a float64 NumPy problem into its arrays and back, and carries what the
+rest of the project must not branch on a backend's name for: compiling a function (JAX
+jits, the others run eagerly), waiting for a result, releasing compiled code, counting
+compilations. A backend is optional: `available()` lists the ones that import, and
+`get(name)` raises `BackendUnavailable` (with the reason) for one that does not, so tests
+can skip cleanly. This is the only module that tests a backend's name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
 import numpy as np
 
 NAMES = ("numpy", "jax", "torch")
+#: Past this n_seq a function whose traced program grows with n_seq runs eagerly: a loop
+#: per token at n_seq 1024 traces to ~30,000 equations (7 s to trace, minutes to compile).
+EAGER_AFTER = 64
+_GROWS: dict[tuple, bool] = {}  # (fn, shapes but n_seq, dtype) -> does its trace grow with n_seq
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -28,6 +36,39 @@ class Backend:
     asarray: Callable[[np.ndarray, str], Any]  # float64 NumPy -> native array of `dtype`
     to_numpy: Callable[[Any], np.ndarray]  # native array -> float64 NumPy (exact)
     namespace: Any  # the array API namespace (array-api-compat)
+    #: fn -> a compiled fn whose arguments at `static` positions are Python values (JAX: jit)
+    compile: Callable[[Callable, tuple[int, ...]], Callable] = lambda fn, static=(): fn
+    synchronize: Callable[[Any], Any] = lambda out: out  # wait until `out` is computed
+    release: Callable[[], None] = lambda: None  # drop compiled code (it maps memory)
+    compilations: Callable[[], int] = lambda: 0  # compilations so far in this process
+    #: fn -> whether tracing it grows with n_seq (a Python loop per token or tile), so that
+    #: compiling it would unroll the loop; see `unrolls`
+    traces: Callable[..., int] | None = field(default=None, repr=False)
+    abstract: Callable[[tuple[int, ...], Any], Any] | None = field(default=None, repr=False)  # shape-only array
+
+    def runner(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> Callable:
+        """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except when
+        n_seq is long and fn's traced program grows with n_seq (a Python loop per token or
+        per tile), which compiling would unroll into minutes. The decision is the
+        backend's, for built-ins and plugins alike, and never pads: fn sees the real n_seq."""
+        if self.traces is None:
+            return fn
+        if args[0].shape[-2] > EAGER_AFTER and self._grows(fn, args, static):
+            return fn
+        return self.compile(fn, static)
+
+    def _grows(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> bool:
+        """Does fn's traced program get longer with n_seq? Traced (not compiled) at 8 and 16
+        tokens, then, for loops over tiles of 16 or more, at 136 and 272: a few cheap traces
+        instead of one at the real length (7 s for a loop per token at 1024)."""
+        x = args[0]
+        key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), tuple(getattr(a, "shape", a) for a in args[1:]))
+        if key not in _GROWS:
+            size = lambda n: self.traces(
+                fn, self.abstract((*x.shape[:-2], n, x.shape[-1]), x.dtype), *args[1:], static=static
+            )
+            _GROWS[key] = any(size(a) < size(b) for a, b in ((8, 16), (136, 272)))
+        return _GROWS[key]
 
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:
         """`a` rounded to `dtype` the way this backend stores it, back in float64."""
@@ -41,7 +82,7 @@ def _numpy() -> Backend:
     return Backend(
         name="numpy",
         dtypes=("float64", "float32", "float16"),
-        asarray=lambda a, dtype: np.asarray(a, dtype=dtype),
+        asarray=lambda a, dtype: np.array(a, dtype=dtype),  # a copy: callers may write into it
         to_numpy=lambda a: np.asarray(a, dtype=np.float64),
         namespace=xp,
     )
@@ -49,10 +90,35 @@ def _numpy() -> Backend:
 
 def _jax() -> Backend:
     import jax
+    import jax.monitoring
 
     # float64 is opt-in in JAX; the ground truth and the float64 verdicts need it.
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
+
+    compiled: dict[tuple[Callable, tuple[int, ...]], Callable] = {}
+    count = [0]
+
+    def compile_(fn: Callable, static: tuple[int, ...] = ()) -> Callable:
+        if (fn, static) not in compiled:
+            compiled[(fn, static)] = jax.jit(fn, static_argnums=static)
+        return compiled[(fn, static)]
+
+    def release() -> None:
+        # Each executable maps code pages: one process verifying the whole catalogue passed
+        # Linux's default vm.max_map_count (65,530) and crashed inside XLA.
+        compiled.clear()
+        jax.clear_caches()
+
+    def listen(event: str, _duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            count[0] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+    def traces(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> int:
+        """Equations in fn's traced program: the size XLA would compile."""
+        return len(jax.make_jaxpr(fn, static_argnums=static)(*args).jaxpr.eqns)
 
     return Backend(
         name="jax",
@@ -60,6 +126,12 @@ def _jax() -> Backend:
         asarray=lambda a, dtype: jnp.asarray(a, dtype=getattr(jnp, dtype)),
         to_numpy=lambda a: np.asarray(a.astype(jnp.float64)),
         namespace=jnp,
+        compile=compile_,
+        synchronize=lambda out: out.block_until_ready(),
+        release=release,
+        compilations=lambda: count[0],
+        traces=traces,
+        abstract=jax.ShapeDtypeStruct,
     )
 
 
@@ -70,7 +142,7 @@ def _torch() -> Backend:
     return Backend(
         name="torch",
         dtypes=DTYPES,
-        asarray=lambda a, dtype: torch.as_tensor(np.asarray(a, np.float64)).to(getattr(torch, dtype)),
+        asarray=lambda a, dtype: torch.tensor(np.asarray(a, np.float64), dtype=getattr(torch, dtype)),  # a copy
         to_numpy=lambda a: a.detach().to(torch.float64).numpy(),
         namespace=xp,
     )

@@ -58,6 +58,13 @@ class AttentionLayer:
         w = (self.c_attn_w, self.c_attn_b, self.c_proj_w, self.c_proj_b)
         return AttentionProblem(np.asarray(x, np.float64), *w, n_head=self.n_head, label=f"gpt2 layer {self.index}")
 
+    def block_input(self, stream: np.ndarray) -> AttentionProblem:
+        """The sublayer's problem when `stream` [..., n_seq, n_embd] enters its block: x = ln_1(stream).
+        The one place a real layer's input is built."""
+        from oracles.truth import layer_norm
+
+        return self.problem(layer_norm(stream, self.ln_g, self.ln_b, self.eps))
+
 
 @dataclass(frozen=True, eq=False)
 class GPT2Weights:
@@ -329,14 +336,21 @@ def synthetic_stream(weights: GPT2Weights, n_seq: int, seed: int = 0, batch: tup
     return tokens + np.asarray(weights["wpe.weight"][:n_seq], np.float64)
 
 
+def layer_problems(weights: GPT2Weights, n_seq: int, seed: int = 0) -> list[AttentionProblem]:
+    """Every real layer on a realistic input of n_seq tokens: synthetic token embeddings plus
+    the real positions (`synthetic_stream`), carried through the real attention path of
+    the earlier layers, then the layer's ln_1."""
+    streams = attention_path(weights, synthetic_stream(weights, n_seq, seed), weights.config.n_layer - 1)
+    return [layer.block_input(stream) for layer, stream in zip(weights.layers(), streams, strict=True)]
+
+
 def attention_path(weights: GPT2Weights, x: np.ndarray, n_layers: int | None = None) -> list[np.ndarray]:
     """The residual stream entering each layer when only attention runs: x_{i+1} = x_i + attn_i(ln_1_i(x_i)).
 
     float64 throughout (the ground truth). Returns [x_0, ..., x_{n_layers}]."""
-    from oracles.truth import ground_truth, layer_norm
+    from oracles.truth import ground_truth
 
     streams = [np.asarray(x, np.float64)]
     for layer in weights.layers()[:n_layers]:
-        h = layer_norm(streams[-1], layer.ln_g, layer.ln_b, layer.eps)
-        streams.append(streams[-1] + ground_truth(layer.problem(h)).out)
+        streams.append(streams[-1] + ground_truth(layer.block_input(streams[-1])).out)
     return streams

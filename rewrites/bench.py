@@ -41,27 +41,13 @@ def median_time(
     return float(np.median(times))
 
 
-def _sync(backend: str) -> Callable[[object], object]:
-    if backend == "jax":
-        return lambda out: out.block_until_ready()
-    return lambda out: out
-
-
-def _maybe_jit(backend: str, fn: Callable, static: tuple[int, ...] = ()) -> Callable:
-    if backend == "jax":
-        import jax
-
-        return jax.jit(fn, static_argnums=static)
-    return fn
-
-
 def matmul_peak(backend: str, size: int = 2048) -> float:
     """Measured float32 GFLOP/s of a square matmul: the machine's practical limit."""
     be = backends.get(backend)
     rng = np.random.default_rng(0)
     a, b = (be.asarray(rng.normal(size=(size, size)), "float32") for _ in range(2))
-    mm = _maybe_jit(backend, lambda a, b: a @ b)
-    return 2 * size**3 / median_time(lambda: mm(a, b), _sync(backend), min_total=1.0) / 1e9
+    mm = be.compile(lambda a, b: a @ b)
+    return 2 * size**3 / median_time(lambda: mm(a, b), be.synchronize, min_total=1.0) / 1e9
 
 
 def sublayer_flops(n: int, e: int) -> float:
@@ -75,18 +61,17 @@ def fit_exponent(ns, ts) -> float:
 
 
 def bench_backend(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, progress) -> dict:
-    be, sync = backends.get(backend), _sync(backend)
+    be = backends.get(backend)
+    sync = be.synchronize
     w = [be.asarray(a, "float32") for a in (layer.c_attn_w, layer.c_attn_b, layer.c_proj_w, layer.c_proj_b)]
-    full = _maybe_jit(backend, oracles.oracle(backend).attention, (5,))
-    last = _maybe_jit(backend, last_token_only.fn, (5,))
-    absorbed = _maybe_jit(backend, last_token_absorbed.fn, (5,))
+    full = be.compile(oracles.oracle(backend).attention, (5,))
+    last = be.compile(last_token_only.fn, (5,))
+    absorbed = be.compile(last_token_absorbed.fn, (5,))
     h = layer.n_head
     hd = x.shape[-1] // h
     # one decoding step at the last slot of a full cache, exactly as `stack.decode` runs it
-    step = _maybe_jit(
-        backend, lambda x_t, k, v, *ws: attend_cached(be.namespace, x_t, k.shape[-2] - 1, k, v, *ws, h)[0]
-    )
-    scores = _maybe_jit(backend, lambda q, k: q @ be.namespace.matrix_transpose(k))
+    step = be.compile(lambda x_t, k, v, *ws: attend_cached(be.namespace, x_t, k.shape[-2] - 1, k, v, *ws, h)[0])
+    scores = be.compile(lambda q, k: q @ be.namespace.matrix_transpose(k))
     rows = []
     for n in N_SEQ:
         xs = be.asarray(x[:n], "float32")
@@ -159,7 +144,7 @@ def run(report_dir: Path, backend_names: list[str], weights_path: str | None, pr
     weights = gpt2.load(weights_path)
     layer = weights.layer(0)
     x = gpt2.synthetic_stream(weights, max(N_SEQ), seed=0)
-    h = oracles.truth.layer_norm(x, layer.ln_g, layer.ln_b, layer.eps)
+    h = layer.block_input(x).x
     results = {}
     for b in backend_names:
         results[b] = bench_backend(b, layer, h, progress)
@@ -220,17 +205,19 @@ BUDGET_S = 5.0  # a rewrite predicted to need longer than this for one call at R
 
 def verified_status(report_dir: Path) -> dict[tuple[str, str], str]:
     """(rewrite, backend) -> "verified" when every float32 verdict of the last `verify` run
-    (report_dir/verdicts.json) is bitwise or equivalent, else "contradicted" or "error"."""
+    (report_dir/verdicts.json) is bitwise or equivalent, else the first other verdict."""
+    from rewrites.verify import Result
+
     path = report_dir / "verdicts.json"
     if not path.exists():
         return {}
     status: dict[tuple[str, str], str] = {}
-    for r in json.loads(path.read_text())["results"]:
-        if r["dtype"] != "float32":
+    for r in map(Result.from_json, json.loads(path.read_text())["results"]):
+        if r.dtype != "float32":
             continue
-        key, ok = (r["rewrite"], r["backend"]), r["verdict"] in ("bitwise", "equivalent")
+        key = (r.rewrite, r.backend)
         if status.get(key, "verified") == "verified":
-            status[key] = "verified" if ok else r["verdict"]
+            status[key] = "verified" if r.verdict.holds_equivalence else r.verdict.value
     return status
 
 
@@ -257,10 +244,11 @@ def rank(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, report_dir: Pa
     (counting the plain computation's FLOPs) as a fraction of the measured matmul peak."""
     from rewrites.registry import catalogue
 
-    be, sync = backends.get(backend), _sync(backend)
+    be = backends.get(backend)
+    sync = be.synchronize
     w = [be.asarray(a, "float32") for a in (layer.c_attn_w, layer.c_attn_b, layer.c_proj_w, layer.c_proj_b)]
     h, status = layer.n_head, verified_status(report_dir)
-    oracle = _maybe_jit(backend, oracles.oracle(backend).attention, (5,))
+    oracle = be.compile(oracles.oracle(backend).attention, (5,))
     oracle_s = median_time(partial(oracle, be.asarray(x[:RANK_N], "float32"), *w, h), sync)
     flops = sublayer_flops(RANK_N, x.shape[-1])
     rows = []
@@ -268,7 +256,7 @@ def rank(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, report_dir: Pa
         st = status.get((rw.name, backend), UNVERIFIED)
         if rw.fn is None or rw.claim not in ("bitwise", "equivalent", None) or st not in ("verified", UNVERIFIED):
             continue  # mutants, and rewrites whose float32 verdict contradicts equivalence
-        seconds, note = _time_rewrite(_maybe_jit(backend, rw.implementation(backend), (5,)), be, sync, x, w, h)
+        seconds, note = _time_rewrite(be.compile(rw.implementation(backend), (5,)), be, sync, x, w, h)
         row = {"rewrite": rw.name, "output": rw.output, "status": st, "seconds": seconds, "note": note}
         if seconds is not None:
             row["speedup_vs_oracle"] = oracle_s / seconds
@@ -277,9 +265,6 @@ def rank(backend: str, layer: gpt2.AttentionLayer, x: np.ndarray, report_dir: Pa
                 row["fraction_of_peak"] = row["gflops"] / peak
         rows.append(row)
         progress(f"rank {backend} {rw.name}: " + (f"{seconds * 1e3:.2f} ms" if seconds is not None else note))
-    if backend == "jax":
-        from rewrites.verify import release_jax_executables
-
-        release_jax_executables()
+    be.release()
     rows.sort(key=lambda r: math.inf if r["seconds"] is None else r["seconds"])
     return {"oracle_s": oracle_s, "n_seq": RANK_N, "rows": rows}

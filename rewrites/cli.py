@@ -21,18 +21,13 @@ def progress(msg: str) -> None:
 def cmd_oracles(args: argparse.Namespace) -> int:
     """Agreement of each oracle with the float64 truth on the real GPT-2 layers."""
     import oracles
-    from oracles.truth import layer_norm
 
     weights = gpt2.load(args.gpt2_weights)
     names = args.backend or backends.available()
     dtypes = args.dtype or ["float32"]
-    streams = gpt2.attention_path(
-        weights, gpt2.synthetic_stream(weights, args.n_seq, seed=0), weights.config.n_layer - 1
-    )
     rows = []
-    for i, layer in enumerate(weights.layers()):
+    for i, problem in enumerate(gpt2.layer_problems(weights, args.n_seq, seed=0)):
         start = time.perf_counter()
-        problem = layer.problem(layer_norm(streams[i], layer.ln_g, layer.ln_b, layer.eps))
         truth = oracles.ground_truth(problem)  # weights are float32, h rounds per dtype below
         for name in names:
             for dtype in dtypes:
@@ -64,11 +59,12 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Verify the catalogue and plugins on every installed backend; write the report."""
+    from dataclasses import asdict
     from pathlib import Path
 
     from rewrites import report
     from rewrites.registry import catalogue
-    from rewrites.verify import JAX_COMPILATIONS, Config, Verifier
+    from rewrites.verify import Config, Verifier, workers
 
     names = args.backend or backends.available()
     for name in set(backends.NAMES) - set(names):
@@ -85,6 +81,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     verifier = Verifier(cfg, progress)
     start = time.perf_counter()
     progress(f"verifying {len(rewrites)} rewrites on {', '.join(names)} ({args.examples} examples a search)")
+    compiled = workers.compilations(names)
     results = verifier.verify(rewrites, names, gpt2_inputs=not args.no_gpt2, jobs=args.jobs)
     elapsed = time.perf_counter() - start
     meta = {
@@ -93,8 +90,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "gpt2_n_seq": None if args.no_gpt2 else args.gpt2_n_seq,
         "seconds": round(elapsed, 1),
         "rewrites": len(rewrites),
-        "jax_compilations": JAX_COMPILATIONS[0] + verifier.worker_compilations,
-        "throughput": verifier.throughput,
+        "compilations": workers.compilations(names) - compiled + workers.COMPILATIONS[0],
+        "throughput": [asdict(t) for t in verifier.throughput],
     }
     report.write(results, cfg.report_dir, meta)
     print(report.summary(results))
@@ -105,10 +102,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Re-run a saved counterexample and show the error against the bound."""
-    import oracles
-    from properties.checks import excess
     from rewrites.registry import catalogue
     from rewrites.verify import RewriteFailed, load_counterexample, run_rewrite
+    from rewrites.verify.execute import References, judge, output_rows
 
     problem, meta = load_counterexample(args.file, args.gpt2_weights)
     rw = catalogue(names=[args.rewrite or meta["rewrite"]])[0]
@@ -116,16 +112,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
     print(problem.describe())
     if problem.x.size <= 64:
         print(f"x = {np.array2string(problem.x, precision=4)}")
-    truth = oracles.ground_truth(oracles.rounded(problem, backend, dtype))
-    sl = np.s_[..., -1:, :] if rw.output == "last" else np.s_[...]
+    truth, sl = References().truth(problem, backend, dtype), output_rows(rw)  # as the verifier judged it
     try:
         out = run_rewrite(rw, backend, dtype, problem)
     except RewriteFailed as e:
         print(f"{rw.name} on {backend} {dtype}: error: {e}")
         return 1
-    ratio = excess(out, truth.out[sl], truth.tolerance(dtype)[sl])
-    err = np.abs(out - truth.out[sl])
-    print(f"{rw.name} on {backend} {dtype}: max |error| {np.nanmax(err):.3g}, error/bound {ratio:.3g}")
+    ratio, err, _ = judge(out, truth.out[sl], truth.tolerance(dtype)[sl])
+    print(f"{rw.name} on {backend} {dtype}: max |error| {err:.3g}, error/bound {ratio:.3g}")
     if out.size <= 64:
         print(f"rewrite = {np.array2string(out, precision=4)}\ntruth   = {np.array2string(truth.out[sl], precision=4)}")
     return 0 if ratio <= 1 else 1

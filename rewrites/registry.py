@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-Claim = Literal["bitwise", "equivalent", "unstable", "inequivalent"]
-CLAIMS: tuple[str, ...] = ("bitwise", "equivalent", "unstable", "inequivalent")
+from rewrites.verify.verdicts import CLAIMS, Verdict
+
 ENTRY_POINT_GROUP = "attention_rewrites"
 
 
@@ -35,14 +35,16 @@ class Rewrite:
     family: str  # e.g. "softmax", "heads", "mutant"
     fn: Callable | None  # the portable (array API) implementation
     output: Literal["full", "last"] = "full"  # `last`: returns [..., 1, n_embd], the last token's row
-    claim: Claim | None = None
+    claim: Verdict | str | None = None  # a Verdict but `error`; a plain string is converted
     backends: Mapping[str, Callable] = field(default_factory=dict)  # per-backend overrides of fn
     source: str = "built-in"  # "built-in" or "plugin <distribution>"
     load_error: str | None = None  # set when a plugin could not be loaded
 
     def __post_init__(self) -> None:
-        if self.claim is not None and self.claim not in CLAIMS:
-            raise ValueError(f"rewrite {self.name!r}: claim {self.claim!r} is not one of {', '.join(CLAIMS)}")
+        if self.claim is not None:
+            if self.claim not in CLAIMS:
+                raise ValueError(f"rewrite {self.name!r}: claim {self.claim!r} is not one of {', '.join(CLAIMS)}")
+            object.__setattr__(self, "claim", Verdict(self.claim))
         if self.output not in ("full", "last"):
             raise ValueError(f"rewrite {self.name!r}: output {self.output!r} is not 'full' or 'last'")
 
@@ -51,7 +53,11 @@ class Rewrite:
 
 
 def rewrite(
-    *, family: str, claim: Claim | None = None, output: Literal["full", "last"] = "full", name: str | None = None
+    *,
+    family: str,
+    claim: Verdict | str | None = None,
+    output: Literal["full", "last"] = "full",
+    name: str | None = None,
 ) -> Callable[[Callable], Rewrite]:
     """Decorator: turn an attention function into a `Rewrite` named after it, described by
     the first line of its docstring."""

@@ -8,13 +8,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from rewrites.verify import Result
-
-SYMBOL = {"bitwise": "B", "equivalent": "E", "unstable": "U", "inequivalent": "I", "error": "X"}
-LEGEND = (
-    "B bitwise, E equivalent within the derived bound, U unstable, I inequivalent, X error; "
-    "! marks a verdict that contradicts the rewrite's claim"
-)
+from rewrites.verify import LEGEND, Inputs, Result, Verdict
 
 
 def _columns(results: Sequence[Result]) -> list[tuple[str, str]]:
@@ -25,7 +19,7 @@ def _columns(results: Sequence[Result]) -> list[tuple[str, str]]:
     return cols
 
 
-def matrix(results: Sequence[Result], inputs: str) -> tuple[list[str], list[list[str]]]:
+def matrix(results: Sequence[Result], inputs: Inputs) -> tuple[list[str], list[list[str]]]:
     """Rows: rewrites; columns: backend/dtype; cells: verdict symbol (+ ! if contradicted)."""
     rs = [r for r in results if r.inputs == inputs]
     cols = _columns(rs)
@@ -38,7 +32,7 @@ def matrix(results: Sequence[Result], inputs: str) -> tuple[list[str], list[list
         row = [r.rewrite, r.family, r.claim or "-"]
         for b, d in cols:
             c = cells.get((r.rewrite, b, d))
-            row.append("" if c is None else SYMBOL[c.verdict] + ("" if c.claim_holds else "!"))
+            row.append("" if c is None else c.verdict.symbol + ("" if c.claim_holds else "!"))
         rows.append(row)
     header = ["rewrite", "family", "claim"] + [
         f"{b[:5]} {d.replace('float', 'f').replace('bf', 'bf')}" for b, d in cols
@@ -58,14 +52,14 @@ def contradictions(results: Sequence[Result]) -> list[Result]:
 
 def summary(results: Sequence[Result]) -> str:
     parts = []
-    for inputs, title in (("hypothesis", "Hypothesis inputs"), ("gpt2", "real GPT-2 layers (12)")):
+    for inputs, title in ((Inputs.HYPOTHESIS, "Hypothesis inputs"), (Inputs.GPT2, "real GPT-2 layers (12)")):
         header, rows = matrix(results, inputs)
         if rows:
             parts.append(f"Verdicts on {title}\n{markdown_table(header, rows)}")
     bad = contradictions(results)
     lines = [
         f"  {r.rewrite} {r.backend} {r.dtype} ({r.inputs}): claimed {r.claim}, got {r.verdict}"
-        + (f"; {r.counterexample.get('message', '')}" if r.counterexample else "")
+        + (f"; {r.counterexample.message}" if r.counterexample else "")
         for r in bad
     ]
     parts.append(LEGEND)
@@ -78,18 +72,18 @@ def mutant_table(results: Sequence[Result]) -> str:
     took, in float32, or in the dtype that witnessed an instability float32 cannot show."""
     rows = []
     for r in results:
-        if r.inputs != "hypothesis" or r.claim not in ("inequivalent", "unstable"):
+        if r.inputs is not Inputs.HYPOTHESIS or r.claim not in (Verdict.INEQUIVALENT, Verdict.UNSTABLE):
             continue
-        if r.dtype != (r.witness if r.claim == "unstable" and r.witness else "float32"):
+        if r.dtype != (r.witness if r.claim is Verdict.UNSTABLE and r.witness else "float32"):
             continue
-        ce = r.counterexample or {}
-        shape = ce.get("shape", {})
+        ce = r.counterexample
+        shape = (ce.shape if ce else None) or {}
         rows.append(
             [
                 r.rewrite,
                 r.backend,
                 f"{r.verdict} ({r.dtype})",
-                ce.get("examples_to_find", "-"),
+                (ce.examples_to_find if ce else None) or "-",
                 shape.get("n_seq", "-"),
                 shape.get("n_head", "-"),
                 shape.get("head_dim", "-"),
@@ -104,10 +98,10 @@ def throughput_summary(meta: dict) -> str:
     """Median Hypothesis examples per second per backend, and the JAX compilations of the run."""
     by: dict[str, list[float]] = {}
     for t in meta.get("throughput", []):
-        by.setdefault(t["backend"], []).append(t["examples_per_s"])
+        by.setdefault(t["backend"], []).append(t["examples_per_s"])  # JSON dicts of verify.Throughput
     rates = ", ".join(f"{b} {statistics.median(v):.0f}" for b, v in by.items())
-    compiles = meta.get("jax_compilations")
-    return f"verification throughput (median examples/s per rewrite): {rates}; JAX compilations: {compiles}"
+    compiles = meta.get("compilations")
+    return f"verification throughput (median examples/s per rewrite): {rates}; compilations (JAX): {compiles}"
 
 
 def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
@@ -131,7 +125,7 @@ def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
 def _html(results: Sequence[Result], meta: dict) -> str:
     colours = {"B": "#b7e1cd", "E": "#d9ead3", "U": "#fce8b2", "I": "#f4c7c3", "X": "#c9c9c9"}
     body = [f"<h1>attention-rewrites verdicts</h1><p>{html.escape(json.dumps(meta))}</p><p>{LEGEND}</p>"]
-    for inputs in ("hypothesis", "gpt2"):
+    for inputs in Inputs:
         header, rows = matrix(results, inputs)
         if not rows:
             continue
@@ -149,7 +143,7 @@ def _html(results: Sequence[Result], meta: dict) -> str:
             ce = r.counterexample
             body.append(
                 f"<li><b>{html.escape(r.rewrite)}</b> {r.backend} ({r.inputs}): "
-                f"{html.escape(ce.get('message', ''))} <code>{html.escape(ce.get('replay', ''))}</code></li>"
+                f"{html.escape(ce.message)} <code>{html.escape(ce.replay or '')}</code></li>"
             )
     body.append("</ul>")
     style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font:12px monospace}"

@@ -139,11 +139,8 @@ def _empty_caches(weights: GPT2Weights, backend: str, dtype: str, batch: tuple, 
 
 
 def _step_function(backend: str) -> Callable:
-    if backend == "jax":  # one compilation for all steps: the shapes never change
-        import jax
-
-        return jax.jit(decode_step, static_argnums=(6, 7))
-    return decode_step
+    """decode_step compiled where the backend compiles: one compilation for all steps, the shapes never change."""
+    return backends.get(backend).compile(decode_step, (6, 7))
 
 
 def generate(

@@ -1,0 +1,160 @@
+"""The verifier: for each rewrite and backend, the searches on both input sources, their
+decisions made into Results with saved counterexamples."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from oracles import backends, gpt2
+from oracles.problem import AttentionProblem
+from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems
+from rewrites.verify import counterexamples
+from rewrites.verify.decide import Decision, decide, witness
+from rewrites.verify.execute import References
+from rewrites.verify.search import Search, Stage, hypothesis_search, sweep
+from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
+
+if TYPE_CHECKING:
+    from rewrites.registry import Rewrite
+
+# Few distinct shapes, so JAX compiles each primitive for a handful of shapes shared by all
+# rewrites; they still cover what the mutants need (two heads, head_dim > 1, a partial tile).
+SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))
+MODERATE_PROBLEMS = attention_problems(**SHAPES)
+EXTREME_PROBLEMS = attention_problems(**SHAPES, x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
+
+
+@dataclass(frozen=True)
+class Config:
+    examples: int = 30  # Hypothesis examples per search
+    gpt2_n_seq: int = 16  # tokens in each real-layer input
+    gpt2_weights: str | None = None
+    report_dir: Path = Path("report")
+    dtypes: tuple[str, ...] = backends.DTYPES
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """How fast the Hypothesis searches of one rewrite x backend went."""
+
+    rewrite: str
+    backend: str
+    examples: int
+    seconds: float
+    examples_per_s: float
+
+
+@dataclass
+class Verifier:
+    config: Config
+    progress: Callable[[str], None] = lambda m: None
+    refs: References = field(default_factory=References)
+    throughput: list[Throughput] = field(default_factory=list)
+    _gpt2: list[AttentionProblem] | None = field(default=None, init=False)
+    _written: set[Path] = field(default_factory=set, init=False)  # one float64 failure stands for every dtype
+
+    def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        def run(strategy, dtype: str, stage: Stage) -> Search:
+            s = Search(rw, backend, dtype, stage)
+            return hypothesis_search(strategy, s, self.refs, self.config.examples)
+
+        return self._results(
+            rw,
+            backend,
+            Inputs.HYPOTHESIS,
+            lambda: run(MODERATE_PROBLEMS, "float64", Stage.FORMULA),
+            lambda dtype: run(EXTREME_PROBLEMS, dtype, Stage.DTYPE),
+        )
+
+    def gpt2_problems(self) -> list[AttentionProblem]:
+        if self._gpt2 is None:
+            self._gpt2 = gpt2.layer_problems(gpt2.load(self.config.gpt2_weights), self.config.gpt2_n_seq, seed=0)
+        return self._gpt2
+
+    def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        def run(dtype: str, stage: Stage) -> Search:
+            return sweep(self.gpt2_problems(), Search(rw, backend, dtype, stage), self.refs)
+
+        return self._results(
+            rw, backend, Inputs.GPT2, lambda: run("float64", Stage.FORMULA), lambda d: run(d, Stage.DTYPE)
+        )
+
+    def _results(
+        self,
+        rw: Rewrite,
+        backend: str,
+        inputs: Inputs,
+        formula: Callable[[], Search],
+        in_dtype: Callable[[str], Search],
+    ) -> list[Result]:
+        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs=inputs, claim=rw.claim, source=rw.source)
+        if rw.load_error:
+            ce = Counterexample(message=rw.load_error)
+            return [
+                Result(**base, dtype=d, verdict=Verdict.ERROR, max_abs_error=None, max_error_over_bound=None,
+                       examples=0, counterexample=ce)
+                for d in dtypes
+            ]  # fmt: skip
+        decisions = decide(formula(), in_dtype, dtypes)
+        w = witness(decisions)
+        return [self._result(base, d, inputs, w) for d in decisions]
+
+    def _result(self, base: dict, d: Decision, inputs: Inputs, w: str | None) -> Result:
+        s = d.search
+        ce = None
+        if s.failure is not None:
+            path = counterexamples.path_for(self.config.report_dir, s, inputs)
+            if path not in self._written:
+                counterexamples.save(path, s)
+                self._written.add(path)
+            ce = counterexamples.describe(path, s)
+        return Result(**base, dtype=d.dtype, verdict=d.verdict, max_abs_error=s.max_abs,
+                      max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w)  # fmt: skip
+
+    def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
+        """Every verdict of one rewrite on the given backends."""
+        results: list[Result] = []
+        for backend in backend_names:
+            start = time.perf_counter()
+            rs = self.hypothesis_results(rw, backend)
+            seconds = time.perf_counter() - start
+            examples = sum(r.examples for r in rs)
+            self.throughput.append(
+                Throughput(rw.name, backend, examples, round(seconds, 3), round(examples / seconds, 1))
+            )
+            results += rs
+            if gpt2_inputs:
+                results += self.gpt2_results(rw, backend)
+            backends.get(backend).release()
+        return results
+
+    def verify(
+        self, rewrites: Iterable[Rewrite], backend_names: Iterable[str], gpt2_inputs: bool = True, jobs: int = 1
+    ) -> list[Result]:
+        """Verdicts for every rewrite on every backend, in catalogue order; with jobs > 1,
+        in worker processes (rewrites/verify/workers.py)."""
+        from rewrites.verify import workers
+
+        rewrites, names = list(rewrites), list(backend_names)
+        done: dict[str, list[Result]] = {}
+        start = time.perf_counter()
+
+        def report(rw_name: str, rs: Sequence[Result]) -> None:
+            done[rw_name] = list(rs)
+            bad = sorted({r.backend for r in rs if not r.claim_holds})
+            status = "ok" if not bad else f"claim contradicted on {', '.join(bad)}"
+            self.progress(f"[{len(done)}/{len(rewrites)}] {rw_name}: {status} ({time.perf_counter() - start:.0f}s)")
+
+        if jobs <= 1 or len(rewrites) <= 1:
+            for rw in rewrites:
+                report(rw.name, self.verify_one(rw, names, gpt2_inputs))
+        else:
+            for name, rs, throughput in workers.run(self.config, rewrites, names, gpt2_inputs, jobs):
+                self.throughput += throughput
+                report(name, rs)
+        return [r for rw in rewrites for r in done[rw.name]]

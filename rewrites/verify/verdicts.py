@@ -1,0 +1,126 @@
+"""The verdict vocabulary: what a search concludes, what a rewrite claims, and the rule
+that says whether a verdict contradicts a claim."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
+
+
+class Verdict(StrEnum):
+    """What the verifier concludes for one rewrite x backend x dtype x input source, best first."""
+
+    BITWISE = "bitwise"  # every output equalled the backend's own oracle bit for bit
+    EQUIVALENT = "equivalent"  # every output within the derived bound of the float64 truth
+    UNSTABLE = "unstable"  # right formula, but fails on inputs a correct dtype computation holds
+    INEQUIVALENT = "inequivalent"  # fails on moderate float64 inputs: the formula is wrong
+    ERROR = "error"  # raised, returned a wrong shape or dtype, or NaN on benign inputs
+
+    @property
+    def symbol(self) -> str:
+        """One letter for the tables."""
+        return {"bitwise": "B", "equivalent": "E", "unstable": "U", "inequivalent": "I", "error": "X"}[self.value]
+
+    @property
+    def holds_equivalence(self) -> bool:
+        return self in (Verdict.BITWISE, Verdict.EQUIVALENT)
+
+
+#: What a rewrite may claim: any verdict but `error`.
+CLAIMS: tuple[Verdict, ...] = tuple(v for v in Verdict if v is not Verdict.ERROR)
+LEGEND = (
+    ", ".join(f"{v.symbol} {v.value}" for v in Verdict).replace("E equivalent", "E equivalent within the derived bound")
+    + "; ! marks a verdict that contradicts the rewrite's claim"
+)
+#: dtypes in which a claim is held against the verdict; float16/bfloat16 are reported only.
+CLAIM_DTYPES = ("float64", "float32")
+
+
+class Inputs(StrEnum):
+    """Where the problems of a search come from."""
+
+    HYPOTHESIS = "hypothesis"  # synthetic problems drawn and shrunk by Hypothesis
+    GPT2 = "gpt2"  # the real GPT-2 attention layers
+
+
+@dataclass(frozen=True)
+class Counterexample:
+    """The smallest failing problem a search found, and how to replay it."""
+
+    message: str
+    file: str | None = None
+    problem: str | None = None
+    shape: dict | None = None
+    examples_to_find: int | None = None
+    replay: str | None = None
+
+
+@dataclass(frozen=True)
+class Result:
+    """One verdict: rewrite x backend x dtype x input source."""
+
+    rewrite: str
+    family: str
+    backend: str
+    dtype: str
+    inputs: Inputs
+    claim: Verdict | None
+    verdict: Verdict
+    max_abs_error: float | None
+    max_error_over_bound: float | None
+    examples: int
+    counterexample: Counterexample | None = None
+    source: str = "built-in"
+    witness: str | None = None  # for an `unstable` claim: a claim dtype where the search found it
+
+    @property
+    def claim_holds(self) -> bool:
+        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype, self.witness)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for k in ("max_abs_error", "max_error_over_bound"):  # JSON has no inf/nan
+            if d[k] is not None and not math.isfinite(d[k]):
+                d[k] = str(d[k])
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> Result:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        num = {k: None if d[k] is None else float(d[k]) for k in ("max_abs_error", "max_error_over_bound")}
+        ce = d.get("counterexample")
+        return cls(
+            **{**d, **num},
+            inputs=Inputs(d["inputs"]),
+            claim=None if d["claim"] is None else Verdict(d["claim"]),
+            verdict=Verdict(d["verdict"]),
+            counterexample=None if ce is None else Counterexample(**ce),
+        )
+
+
+def claim_holds(
+    claim: Verdict | None, verdict: Verdict, inputs: Inputs, dtype: str, witness: str | None = None
+) -> bool:
+    """Whether `verdict` is consistent with `claim` (False: the claim is contradicted).
+
+    `bitwise` and `equivalent` are universal claims: any failure contradicts them.
+    `unstable` and `inequivalent` claim that a counterexample exists, which the Hypothesis
+    search must find; real GPT-2 inputs may well be benign for them. An instability may show
+    in one dtype only (a leak at logits that only float64 can hold): it is enough that the
+    search found it in one of the CLAIM_DTYPES (`witness`) if the others at least stay
+    within the bound. Only CLAIM_DTYPES are held to the claim; an `error` never holds one."""
+    if claim is None or dtype not in CLAIM_DTYPES:
+        return True
+    if verdict is Verdict.ERROR:
+        return False
+    if claim is Verdict.BITWISE:
+        return verdict is Verdict.BITWISE
+    if claim is Verdict.EQUIVALENT:
+        return verdict.holds_equivalence
+    if inputs is Inputs.GPT2:
+        return True
+    if claim is Verdict.UNSTABLE and witness is not None:
+        return verdict in (Verdict.BITWISE, Verdict.EQUIVALENT, Verdict.UNSTABLE)
+    return verdict is claim
