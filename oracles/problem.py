@@ -50,6 +50,10 @@ class AttentionProblem:
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
 
+    def prefix(self, n: int) -> AttentionProblem:
+        """The first n tokens: for causal attention, the first n rows of the output."""
+        return AttentionProblem(self.x[..., :n, :], *self.arrays()[1:], n_head=self.n_head, label=self.label)
+
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b): the oracle's positional arrays."""
         return (self.x, self.c_attn_w, self.c_attn_b, self.c_proj_w, self.c_proj_b)

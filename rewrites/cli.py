@@ -236,7 +236,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rewrite", action="append", help="only this rewrite (repeatable)")
     p.add_argument("--report", default="report", help="report folder (default report/)")
     p.add_argument("--examples", type=int, default=30, help="Hypothesis examples per search (default 30)")
-    p.add_argument("--gpt2-n-seq", type=int, default=16, help="tokens per real-layer input (default 16)")
+    p.add_argument(
+        "--gpt2-n-seq",
+        type=int,
+        default=None,
+        help="every real layer at this length alone (default: the plan, up to 1024)",
+    )
     p.add_argument("--no-gpt2", action="store_true", help="skip the real GPT-2 layers")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")

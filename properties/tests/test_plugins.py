@@ -113,9 +113,9 @@ def test_faulty_plugins_give_error_verdicts_and_the_run_goes_on(site, tmp_path):
     assert not by[("wrong_shape", "float32")].claim_holds  # claimed equivalent, could not run
     assert (
         "returned shape [1, 3], expected [1, 1] (full output)"
-        in by[("wrong_shape", "float32")].counterexample["message"]
+        in by[("wrong_shape", "float32")].counterexample.message
     )
-    assert "NaN or inf on moderate float64 inputs" in by[("makes_nan", "float32")].counterexample["message"]
+    assert "NaN or inf on moderate float64 inputs" in by[("makes_nan", "float32")].counterexample.message
     # the rest of the run went on: the built-in and the good plugin have real verdicts
     assert by[("batched_heads", "float32")].verdict in ("bitwise", "equivalent")
     assert by[("my_exp_normalise_by_reciprocal", "float32")].verdict in ("bitwise", "equivalent")

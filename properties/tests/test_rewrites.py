@@ -1,6 +1,6 @@
 """Every rewrite's claim against its measured verdict, one case per rewrite x backend x dtype.
 
-Verdicts come from the same engine as `attention-rewrites verify` (rewrites/verify.py),
+Verdicts come from the same engine as `attention-rewrites verify` (rewrites/verify/),
 computed once per rewrite and backend and shared by that pair's dtype cases. A
 contradicted claim fails its case with the counterexample and how to replay it. Claims
 are held in float64 and float32 (CLAIM_DTYPES), so only those are searched here; the
@@ -9,6 +9,7 @@ float16 and bfloat16 verdicts, reported but not held, come from `attention-rewri
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import pytest
 
@@ -21,7 +22,7 @@ def test_rewrite_claim(rewrite_case, verdicts):
     if bad:
         details = "\n".join(
             f"  {r.inputs}: verdict {r.verdict} (max error/bound {r.max_error_over_bound})\n"
-            f"  counterexample: {json.dumps(r.counterexample, indent=1)}"
+            f"  counterexample: {json.dumps(asdict(r.counterexample) if r.counterexample else None, indent=1)}"
             for r in bad
         )
         pytest.fail(f"{rw.name} claims {rw.claim!r} on {backend} {dtype}:\n{details}", pytrace=False)

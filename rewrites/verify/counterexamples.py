@@ -37,6 +37,7 @@ def describe(path: Path, s: Search) -> Counterexample:
         problem=p.describe(),
         shape={"batch": list(p.x.shape[:-2]), "n_seq": p.n_seq, "n_head": p.n_head, "head_dim": p.head_dim},
         examples_to_find=s.to_find,
+        first_fails_at=s.first_fails_at,
         replay=f"attention-rewrites replay {path}",
     )
 

@@ -11,8 +11,7 @@ from typing import TYPE_CHECKING
 
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
-from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems
-from rewrites.verify import counterexamples
+from rewrites.verify import counterexamples, inputs
 from rewrites.verify.decide import Decision, decide, witness
 from rewrites.verify.execute import References
 from rewrites.verify.search import Search, Stage, hypothesis_search, sweep
@@ -21,20 +20,15 @@ from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
-# Few distinct shapes, so JAX compiles each primitive for a handful of shapes shared by all
-# rewrites; they still cover what the mutants need (two heads, head_dim > 1, a partial tile).
-SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))
-MODERATE_PROBLEMS = attention_problems(**SHAPES)
-EXTREME_PROBLEMS = attention_problems(**SHAPES, x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
-
 
 @dataclass(frozen=True)
 class Config:
-    examples: int = 30  # Hypothesis examples per search
-    gpt2_n_seq: int = 16  # tokens in each real-layer input
+    examples: int = 30  # Hypothesis examples per search (effort in examples, not seconds: reproducible)
+    gpt2_n_seq: int | None = None  # None: the real-layer plan of inputs.py; N: every layer at N tokens
     gpt2_weights: str | None = None
     report_dir: Path = Path("report")
     dtypes: tuple[str, ...] = backends.DTYPES
+    explicit_examples: bool = True  # try inputs.known_hard() before each synthetic search
 
 
 @dataclass(frozen=True)
@@ -54,30 +48,36 @@ class Verifier:
     progress: Callable[[str], None] = lambda m: None
     refs: References = field(default_factory=References)
     throughput: list[Throughput] = field(default_factory=list)
-    _gpt2: list[AttentionProblem] | None = field(default=None, init=False)
+    _gpt2: inputs.RealLayers | None = field(default=None, init=False)
+    _known_hard: list[AttentionProblem] | None = field(default=None, init=False)
     _written: set[Path] = field(default_factory=set, init=False)  # one float64 failure stands for every dtype
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
+        if self._known_hard is None:
+            self._known_hard = inputs.known_hard() if self.config.explicit_examples else []
+
         def run(strategy, dtype: str, stage: Stage) -> Search:
             s = Search(rw, backend, dtype, stage)
-            return hypothesis_search(strategy, s, self.refs, self.config.examples)
+            return hypothesis_search(strategy, s, self.refs, self.config.examples, self._known_hard)
 
         return self._results(
             rw,
             backend,
             Inputs.HYPOTHESIS,
-            lambda: run(MODERATE_PROBLEMS, "float64", Stage.FORMULA),
-            lambda dtype: run(EXTREME_PROBLEMS, dtype, Stage.DTYPE),
+            lambda: run(inputs.MODERATE_PROBLEMS, "float64", Stage.FORMULA),
+            lambda dtype: run(inputs.EXTREME_PROBLEMS, dtype, Stage.DTYPE),
         )
 
-    def gpt2_problems(self) -> list[AttentionProblem]:
+    def real_layers(self) -> inputs.RealLayers:
         if self._gpt2 is None:
-            self._gpt2 = gpt2.layer_problems(gpt2.load(self.config.gpt2_weights), self.config.gpt2_n_seq, seed=0)
+            n_seq = self.config.gpt2_n_seq or inputs.FULL_CONTEXT
+            self._gpt2 = inputs.RealLayers(gpt2.load(self.config.gpt2_weights), n_seq, seed=0)
         return self._gpt2
 
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
         def run(dtype: str, stage: Stage) -> Search:
-            return sweep(self.gpt2_problems(), Search(rw, backend, dtype, stage), self.refs)
+            plan = inputs.real_plan(backend, dtype, len(self.real_layers().full), self.config.gpt2_n_seq)
+            return sweep(self.real_layers().problems(plan), Search(rw, backend, dtype, stage), self.refs)
 
         return self._results(
             rw, backend, Inputs.GPT2, lambda: run("float64", Stage.FORMULA), lambda d: run(d, Stage.DTYPE)

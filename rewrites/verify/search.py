@@ -5,13 +5,15 @@ for the real layers)."""
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+import math
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
-from hypothesis import HealthCheck, Phase, find, settings
+from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
 from oracles.problem import AttentionProblem
@@ -44,14 +46,18 @@ class Search:
     examples: int = 0  # examples evaluated in all
     to_find: int | None = None  # examples it took to find the first failure
     layer: int | None = None  # the real layer that failed (real-layer sweeps)
+    first_fails_at: int | None = None  # exact: the failure's first n tokens fail, its first n - 1 pass
     max_ratio: float = 0.0
     max_abs: float = 0.0
+    last_ratio: float = 0.0  # of the latest example (what Hypothesis's `target` climbs)
     bitwise: bool = True
+    seconds: float = 0.0
 
     @np.errstate(all="ignore")  # overflow and NaN are what is being looked for here
     def failing(self, problem: AttentionProblem, refs: References) -> str | None:
         """Why `problem` fails (None if it passes or says nothing), with the tallies updated.
         The caller counts examples (a shrunk failure is re-run for its message, uncounted)."""
+        self.last_ratio = 0.0
         if self.stage is Stage.DTYPE and not refs.representable(problem, self.backend, self.dtype):
             return None  # no correct computation in this dtype exists: not evidence
         try:
@@ -61,6 +67,7 @@ class Search:
             self.error = self.error or str(e)
             return self._found(f"error: {e}")
         self.bitwise &= o.bitwise
+        self.last_ratio = o.ratio
         self.max_ratio, self.max_abs = max(self.max_ratio, o.ratio), max(self.max_abs, o.abs_error)
         if self.stage is Stage.FORMULA and o.nonfinite:
             self.error = self.error or "returned NaN or inf on moderate float64 inputs"
@@ -91,36 +98,69 @@ def without_local_constants() -> None:
         providers.CONSTANTS_CACHE.cache.clear()
 
 
-def hypothesis_search(strategy: SearchStrategy, s: Search, refs: References, examples: int) -> Search:
-    """Draw up to `examples` problems (derandomised: every rewrite sees the same ones) until
-    one fails; shrink it. The record `s` is filled in and returned."""
+def hypothesis_search(
+    strategy: SearchStrategy, s: Search, refs: References, examples: int, explicit: Sequence[AttentionProblem] = ()
+) -> Search:
+    """Try the `explicit` problems, then draw up to `examples` problems (derandomised: every
+    rewrite sees the same ones), steered towards the largest error/bound ratio, until one
+    fails; shrink it, then cut it to its exact first failing length. `s` is filled in."""
     without_local_constants()
+    start = time.perf_counter()
     opts = settings(
         max_examples=examples,
         derandomize=True,
         database=None,
         deadline=None,
         suppress_health_check=list(HealthCheck),
-        phases=[Phase.generate, Phase.shrink],
+        phases=[Phase.generate, Phase.target, Phase.shrink],
     )
 
     def fails(problem: AttentionProblem) -> bool:
         s.examples += 1
-        return s.failing(problem, refs) is not None
+        failed = s.failing(problem, refs) is not None
+        target(math.log10(s.last_ratio) if 0 < s.last_ratio < math.inf else (300.0 if s.last_ratio else -300.0))
+        return failed
 
-    try:
-        s.failure = find(strategy, fails, settings=opts)
-        s.message = s.failing(s.failure, refs) or ""
-    except NoSuchExample:
-        pass
-    return s
-
-
-def sweep(problems: Iterable[AttentionProblem], s: Search, refs: References) -> Search:
-    """Every problem in turn (the real layers); the first failure is kept, unshrunk."""
-    for i, p in enumerate(problems):
+    for problem in explicit:
         s.examples += 1
-        msg = s.failing(p, refs)
-        if msg is not None and s.failure is None:
-            s.failure, s.message, s.layer = p, msg, i
+        if s.failing(problem, refs) is not None:
+            s.failure = problem
+            break
+    if s.failure is None:
+        try:
+            s.failure = find(strategy, fails, settings=opts)
+        except NoSuchExample:
+            pass
+    if s.failure is not None:
+        _cut_to_first_failing_length(s, refs)
+    s.seconds = time.perf_counter() - start
     return s
+
+
+def sweep(problems: Iterable[tuple[int, AttentionProblem]], s: Search, refs: References) -> Search:
+    """Each (layer, problem) in turn (the real layers) until one fails; that one is cut to
+    its exact first failing length."""
+    start = time.perf_counter()
+    for layer, p in problems:
+        s.examples += 1
+        if s.failing(p, refs) is not None:
+            s.failure, s.layer = p, layer
+            _cut_to_first_failing_length(s, refs)
+            break
+    s.seconds = time.perf_counter() - start
+    return s
+
+
+def _cut_to_first_failing_length(s: Search, refs: References) -> None:
+    """Bisect over prefixes of the failure (causal attention makes a prefix a problem of its
+    own) for the length L whose prefix fails while the prefix of L - 1 passes; the failure
+    becomes that prefix. Invariant: prefix `lo` passes (0 tokens trivially), `hi` fails."""
+    lo, hi = 0, s.failure.n_seq
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if s.failing(s.failure.prefix(mid), refs) is not None:
+            hi = mid
+        else:
+            lo = mid
+    s.failure, s.first_fails_at = s.failure.prefix(hi), hi
+    s.message = s.failing(s.failure, refs) or ""

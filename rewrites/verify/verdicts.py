@@ -53,6 +53,7 @@ class Counterexample:
     problem: str | None = None
     shape: dict | None = None
     examples_to_find: int | None = None
+    first_fails_at: int | None = None  # n_seq: the problem's first n tokens fail, its first n - 1 pass
     replay: str | None = None
 
 

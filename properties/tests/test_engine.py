@@ -1,0 +1,108 @@
+"""The verdict engine's own rules, each tested on both sides: what it must catch and what
+it must not flag (the claim rule, the exact first failing length, the eager/compiled choice)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from oracles import backends
+from oracles.problem import AttentionProblem
+from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
+from rewrites.registry import rewrite
+from rewrites.verify import Inputs, Verdict
+from rewrites.verify.execute import References
+from rewrites.verify.search import Search, Stage, sweep
+from rewrites.verify.verdicts import claim_holds
+
+
+def _dense(n_seq: int, n_head: int = 2, head_dim: int = 4, seed: int = 0) -> AttentionProblem:
+    rng = np.random.default_rng(seed)
+    e = n_head * head_dim
+    w = lambda *s: rng.normal(size=s) / np.sqrt(e)
+    return AttentionProblem(rng.normal(size=(n_seq, e)), w(e, 3 * e), w(3 * e), w(e, e), w(e), n_head)
+
+
+def window(size: int):
+    """Sliding-window attention of `size` keys: exact below size + 1 tokens, wrong from it."""
+
+    def fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+        n = q.shape[-2]
+        seen = causal(xp, n) & ~causal(xp, n, offset=-size)  # keys i - size < j <= i
+        z = xp.where(seen, q @ xp.matrix_transpose(k) / np.sqrt(q.shape[-1]), -np.inf)
+        return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+
+    return rewrite(family="test", claim="equivalent", name=f"window_{size}")(fn)
+
+
+@pytest.mark.parametrize("size", [1, 7, 37])
+def test_first_failing_length_is_exact(backend, size):
+    """Bisection over prefixes finds L = size + 1: the first L tokens fail, the first L - 1 pass."""
+    s = sweep([(0, _dense(3 * size + 5))], Search(window(size), backend, "float64", Stage.FORMULA), References())
+    assert s.failure is not None and s.first_fails_at == size + 1 == s.failure.n_seq
+    again = Search(window(size), backend, "float64", Stage.FORMULA)
+    assert again.failing(s.failure.prefix(size), References()) is None  # L - 1 passes
+    assert again.failing(s.failure, References()) is not None  # L fails
+
+
+def test_a_correct_rewrite_is_not_cut(backend):
+    """What must not be flagged: a window wider than the input is plain attention."""
+    s = sweep([(0, _dense(40))], Search(window(64), backend, "float64", Stage.FORMULA), References())
+    assert s.failure is None and s.first_fails_at is None and s.max_ratio <= 1
+
+
+@pytest.mark.parametrize(
+    ("claim", "verdict", "holds"),
+    [
+        (Verdict.EQUIVALENT, Verdict.BITWISE, True),
+        (Verdict.EQUIVALENT, Verdict.EQUIVALENT, True),
+        (Verdict.EQUIVALENT, Verdict.UNSTABLE, False),
+        (Verdict.EQUIVALENT, Verdict.ERROR, False),
+        (Verdict.BITWISE, Verdict.EQUIVALENT, False),
+        (Verdict.INEQUIVALENT, Verdict.INEQUIVALENT, True),
+        (Verdict.INEQUIVALENT, Verdict.EQUIVALENT, False),
+        (Verdict.UNSTABLE, Verdict.EQUIVALENT, False),
+        (None, Verdict.ERROR, True),
+    ],
+)
+def test_claim_rule_on_hypothesis_inputs(claim, verdict, holds):
+    assert claim_holds(claim, verdict, Inputs.HYPOTHESIS, "float32") is holds
+
+
+def test_claim_rule_details():
+    # an existence claim is not contradicted by benign real inputs, a universal one is
+    assert claim_holds(Verdict.INEQUIVALENT, Verdict.EQUIVALENT, Inputs.GPT2, "float32")
+    assert not claim_holds(Verdict.EQUIVALENT, Verdict.INEQUIVALENT, Inputs.GPT2, "float32")
+    # an instability witnessed in another claim dtype is enough; half precision is reported only
+    assert claim_holds(Verdict.UNSTABLE, Verdict.EQUIVALENT, Inputs.HYPOTHESIS, "float32", witness="float64")
+    assert claim_holds(Verdict.EQUIVALENT, Verdict.UNSTABLE, Inputs.HYPOTHESIS, "float16")
+
+
+def test_verdict_vocabulary():
+    assert [v.symbol for v in Verdict] == ["B", "E", "U", "I", "X"]
+    assert Verdict("equivalent") is Verdict.EQUIVALENT and Verdict.EQUIVALENT == "equivalent"
+
+
+def per_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """A loop per token: its traced program grows with n_seq."""
+    xp = array_namespace(x)
+    rows = [x[..., t : t + 1, :] * 1.0 for t in range(x.shape[-2])]
+    return xp.concat(rows, axis=-2) @ c_proj_w
+
+
+def plain(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    return x @ c_proj_w
+
+
+def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
+    """Compiling a loop per token at 1024 tokens would take minutes: such a function runs
+    eagerly there, while a fixed-size program is still compiled; short inputs always compile."""
+    be = backends.get(backend)
+    args = lambda n: (be.asarray(np.ones((n, 4)), "float32"), None, None, be.asarray(np.eye(4), "float32"), None, 1)
+    if be.traces is None:  # eager backends: nothing to decide
+        assert be.runner(per_token, args(1024), (5,)) is per_token
+        return
+    assert be.runner(per_token, args(1024), (5,)) is per_token
+    assert be.runner(plain, args(1024), (5,)) is not plain
+    assert be.runner(per_token, args(8), (5,)) is not per_token

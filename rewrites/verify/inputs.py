@@ -1,0 +1,83 @@
+"""What each search sees: the synthetic strategies, the real-layer plan, and the explicit
+examples of known hard cases.
+
+Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
+`LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 128 and up to
+12 heads, dense content at long lengths (see `properties.strategies`). Real GPT-2 layers
+are seen at the full context: in float64 and float32 each backend sees four of the 12
+layers at n_seq 1024 (so the three backends cover all 12 in every run) and one at 1000,
+not a power of two; float16 and bfloat16, whose NumPy matmuls have no BLAS, see those four
+layers at 256; every backend and dtype also sees all 12 layers at 16 tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from oracles import backends, gpt2
+from oracles.problem import AttentionProblem
+from properties.strategies import EXTREME, LARGE_LOGITS, long_attention_problems
+from rewrites.verify.verdicts import CLAIM_DTYPES
+
+MODERATE_PROBLEMS = long_attention_problems()
+EXTREME_PROBLEMS = long_attention_problems(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
+
+FULL_CONTEXT = 1024
+OFF_LADDER = 1000  # a full-context length that is not a power of two
+HALF_PRECISION_N_SEQ = 256
+SHORT = 16
+
+
+@dataclass(frozen=True)
+class RealInput:
+    layer: int
+    n_seq: int
+
+
+def real_plan(backend: str, dtype: str, n_layer: int = 12, n_seq: int | None = None) -> list[RealInput]:
+    """The (layer, n_seq) pairs a backend sees in a dtype (the module doc says why); with
+    `n_seq` given, every layer at that length alone (a quick run)."""
+    if n_seq is not None:
+        return [RealInput(i, n_seq) for i in range(n_layer)]
+    b = backends.NAMES.index(backend) % 3  # backends share out the layers: all 12 in every run
+    mine = list(range(b, n_layer, 3))
+    long = [RealInput(i, FULL_CONTEXT) for i in mine] + [RealInput((b + 1) % n_layer, OFF_LADDER)]
+    if dtype not in CLAIM_DTYPES:
+        long = [RealInput(i, HALF_PRECISION_N_SEQ) for i in mine]
+    return [RealInput(i, SHORT) for i in range(n_layer)] + long
+
+
+class RealLayers:
+    """The 12 real layers' inputs along the real attention path, computed once at the
+    longest length needed; shorter inputs are its prefixes (causal: the stream of the
+    first n tokens is the first n rows of the stream)."""
+
+    def __init__(self, weights: gpt2.GPT2Weights, n_seq: int, seed: int = 0) -> None:
+        self.full = gpt2.layer_problems(weights, n_seq, seed)
+
+    def problems(self, plan: Sequence[RealInput]) -> list[tuple[int, AttentionProblem]]:
+        return [(r.layer, self.full[r.layer].prefix(r.n_seq)) for r in plan]
+
+
+def known_hard() -> list[AttentionProblem]:
+    """Explicit examples tried before every synthetic search, as Hypothesis's @example:
+    inputs that found faults before. Empty them (Config.explicit_examples=False) to show
+    that a search finds a fault by itself."""
+    rng = np.random.default_rng(0)
+
+    def dense(n_seq: int, n_head: int, head_dim: int, q: float = 1.0, label: str = "") -> AttentionProblem:
+        e = n_head * head_dim
+        w = rng.normal(size=(e, 3 * e)) / np.sqrt(e)
+        w[:, :e] *= q
+        return AttentionProblem(
+            rng.normal(size=(n_seq, e)), w, rng.normal(size=3 * e) / np.sqrt(e),
+            rng.normal(size=(e, e)) / np.sqrt(e), rng.normal(size=e) / np.sqrt(e), n_head, label=f"known hard: {label}",
+        )  # fmt: skip
+
+    return [
+        dense(1025, 2, 64, label="full context + 1, two heads of 64"),
+        dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
+    ]
