@@ -1,23 +1,29 @@
 """Public Hypothesis strategies for attention problems.
 
 Every strategy here generates `oracles.problem.AttentionProblem`s (float64 NumPy arrays
-plus `n_head`). Values are drawn elementwise, so Hypothesis shrinks a failure towards
+plus `n_head`). Small arrays are drawn elementwise, so Hypothesis shrinks a failure towards
 few tokens, one head, head_dim 1, no batch and values like 0 and 1: a counterexample a
-person can read.
+person can read. Large arrays (`dense_above`) come from a drawn seed instead, since
+elementwise draws of thousands of values are mostly constant.
 
     @given(attention_problems())                # synthetic, moderate magnitudes
     @given(attention_problems(x_scales=EXTREME)) # large and tiny values too
     @given(attention_problems(logit_scales=LARGE_LOGITS)) # large logits
+    @given(long_attention_problems())           # n_seq up to 2049, wide heads, dense values
     @given(gpt2_problems(weights))              # one of the 12 real GPT-2 layers
+
+`SizeLimits` bounds what long problems cost (the float64 truth grows as n_seq^2).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 from hypothesis.extra.numpy import arrays
 
 from oracles.gpt2 import GPT2Weights, attention_path, synthetic_stream
@@ -38,14 +44,61 @@ LARGE_LOGITS = (1.0, 100.0, 3e4, 1e6, 1e11)
 
 BATCHES = ((), (1,), (2,), (2, 1))
 
+#: Sequence lengths where real rewrites change behaviour: a few short ones, then each power
+#: of two from 16 (tiles, blocks, windows, chunks, caches) with one either side, past
+#: GPT-2's context of 1024.
+LENGTH_LADDER = (1, 2, 3, 5, 8, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257,
+                 511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049)  # fmt: skip
+
+#: (n_head, head_dim) pairs, simplest first (shrinking moves towards the front): few distinct
+#: shapes, since JAX compiles every rewrite once per shape. The small ones make readable
+#: counterexamples; head_dim 64 and 128 reach the tile sizes of real kernels; 12 heads of 2
+#: test many heads cheaply; (12, 64) is GPT-2 small itself.
+HEAD_SHAPES = ((1, 1), (2, 1), (1, 3), (2, 3), (12, 2), (1, 64), (2, 64), (1, 128), (12, 64))
+
+#: How many elementwise values a problem of `long_attention_problems` draws; arrays that do
+#: not fit in them (any of more elements, for one) are dense: N(0, 1) from a drawn seed.
+DENSE_ABOVE = 64
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """What a drawn problem may cost. Up to `short_seq` tokens any head shape and batch
+    goes; past it n_embd is at most `long_max_embd` (so GPT-2's 768 only at short lengths)
+    and the batch one of `long_batches`; at any length the attention matrices hold at most
+    `max_scores` elements (batch x n_head x n_seq^2). The float64 truth and its bound keep
+    about 15 arrays of that size: at the default, two 2049 x 2049 matrices, ground_truth
+    plus tolerance("float32") take about 1.1 GB and 3 to 7 s on a shared 2-core machine."""
+
+    short_seq: int = 64
+    long_max_embd: int = 128
+    long_batches: tuple[tuple[int, ...], ...] = ((), (2,))
+    max_scores: int = 2 * 2049**2
+
+    def allows(self, batch: tuple[int, ...], n_seq: int, n_head: int, head_dim: int) -> bool:
+        """Is a problem of this shape within the limits?"""
+        if math.prod(batch) * n_head * n_seq**2 > self.max_scores:
+            return False
+        return n_seq <= self.short_seq or (n_head * head_dim <= self.long_max_embd and batch in self.long_batches)
+
+
+SIZE_LIMITS = SizeLimits()
+
+
+_UNIT = st.floats(-1.0, 1.0, allow_subnormal=False)
+
 
 def unit_arrays(shape: tuple[int, ...]) -> st.SearchStrategy[np.ndarray]:
     """float64 arrays of `shape` with elements in [-1, 1] (shrinking towards 0)."""
-    return arrays(np.float64, shape, elements=st.floats(-1.0, 1.0, allow_subnormal=False))
+    return arrays(np.float64, shape, elements=_UNIT)
 
 
 def _sizes(limit: int | Sequence[int]) -> st.SearchStrategy[int]:
     return st.integers(1, limit) if isinstance(limit, int) else st.sampled_from(sorted(limit))
+
+
+def _size_list(limit: int | Sequence[int]) -> list[int]:
+    return list(range(1, limit + 1)) if isinstance(limit, int) else sorted(limit)
 
 
 @st.composite
@@ -68,6 +121,98 @@ def shapes(
     )
 
 
+def _rungs(ladder: Sequence[int], max_len: int | None) -> list[int]:
+    rungs = {r for r in ladder if max_len is None or r <= max_len} | ({max_len} if max_len else set())
+    if not rungs or min(rungs) < 1:
+        raise InvalidArgument(f"no sequence length >= 1 in ladder={ladder} up to max_len={max_len}")
+    return sorted(rungs)
+
+
+def _in_band(lo: int, hi: int, on_rung: bool, slot: int) -> int:
+    """Slot 0..254 of the lengths strictly between lo and hi, spread evenly (all of them when
+    there are at most 255), in increasing order; slot 255, on a rung, or an empty gap: hi."""
+    inside = hi - lo - 1
+    return hi if on_rung or slot == 255 or inside <= 0 else lo + 1 + slot * inside // 255
+
+
+@st.composite
+def sequence_lengths(
+    draw: st.DrawFn, *, ladder: Sequence[int] = LENGTH_LADDER, max_len: int | None = None, between: bool = True
+) -> int:
+    """A sequence length n_seq.
+
+    The rungs are the lengths of `ladder` up to `max_len` (which, when given, is the top
+    rung). Each draw picks a rung uniformly; with `between`, one draw in four instead takes
+    a length strictly between that rung and the one below it, uniformly (every length in
+    gaps up to 256 wide; a grid of 255 in wider gaps, e.g. every 4th length in 1026..2046),
+    so thresholds off the ladder (100, 300, 1000) are crossed too. (Hypothesis's engine
+    itself favours the simplest choices: in a derandomised search n_seq is 1 about a
+    quarter of the time, and runs of examples share one length.)
+
+    Lowering any choice behind n_seq never lengthens it, so Hypothesis shrinks a failure to
+    the shortest length this strategy can draw that still fails: one at every n_seq > 300
+    to 301, one at n_seq > 64 to the rung 65.
+    """
+    rungs = _rungs(ladder, max_len)
+    band = draw(st.integers(0, len(rungs) - 1))
+    if not between:
+        return rungs[band]
+    on_rung = draw(st.integers(0, 3)) > 0
+    slot = draw(st.integers(255 if on_rung else 0, 255))  # pinned on a rung, so lowering on_rung keeps n_seq
+    return rungs[0] if band == 0 else _in_band(rungs[band - 1], rungs[band], on_rung, slot)
+
+
+def _lengths(lengths: st.SearchStrategy[int] | Sequence[int]) -> st.SearchStrategy[int]:
+    return lengths if isinstance(lengths, st.SearchStrategy) else st.sampled_from(sorted(set(lengths)))
+
+
+@st.composite
+def _limited_shapes(
+    draw: st.DrawFn,
+    lengths: st.SearchStrategy[int],
+    head_shapes: Sequence[tuple[int, int]],
+    batches: Sequence[tuple[int, ...]],
+    min_seq: int,
+    limits: SizeLimits,
+) -> tuple[tuple[int, ...], int, int, int]:
+    """(batch, n_seq, n_head, head_dim): n_seq first, then a head shape and a batch that fit
+    `limits` at that length."""
+    n_seq = max(draw(lengths), min_seq)
+    fitting = [hs for hs in head_shapes if any(limits.allows(b, n_seq, *hs) for b in batches)]
+    if not fitting:
+        raise InvalidArgument(f"no head shape of {head_shapes} with a batch of {batches} fits {limits} at {n_seq=}")
+    n_head, head_dim = draw(st.sampled_from(fitting))
+    batch = draw(st.sampled_from([b for b in batches if limits.allows(b, n_seq, n_head, head_dim)]))
+    return batch, n_seq, n_head, head_dim
+
+
+def _values(
+    draw: st.DrawFn, shapes: Sequence[tuple[int, ...]], dense_above: int | None
+) -> tuple[list[np.ndarray], int | None]:
+    """Standard-scale values for arrays of `shapes`, and the seed if any array is dense.
+
+    Without `dense_above`: `unit_arrays` each. With it, every problem draws a seed and a run
+    of `dense_above` values in [-1, 1], each its own choice (shrinking towards 0); the
+    arrays in turn take their values from the run while they fit in what is left, and any
+    that does not is N(0, 1) from (seed, its index). Every problem thus makes the same
+    choices whatever its shape, so Hypothesis (which prefers fewer choices) shrinks towards
+    small shapes rather than towards dense ones."""
+    if dense_above is None:
+        return [draw(unit_arrays(shape)) for shape in shapes], None
+    seed = draw(st.integers(0, 2**32 - 1))
+    run = draw(arrays(np.float64, dense_above, elements=_UNIT, fill=st.nothing()))
+    values, used, dense = [], 0, False
+    for i, shape in enumerate(shapes):
+        size = math.prod(shape)
+        if used + size <= dense_above:
+            values.append(run[used : used + size].reshape(shape))
+            used += size
+        else:
+            values.append(np.random.default_rng([seed, i]).standard_normal(shape))
+            dense = True
+    return values, seed if dense else None
+
+
 @st.composite
 def attention_problems(
     draw: st.DrawFn,
@@ -80,32 +225,101 @@ def attention_problems(
     w_scales=MODERATE,
     logit_scales=(1.0,),
     min_seq: int = 1,
+    lengths: st.SearchStrategy[int] | Sequence[int] | None = None,
+    head_shapes: Sequence[tuple[int, int]] | None = None,
+    dense_above: int | None = None,
+    limits: SizeLimits = SIZE_LIMITS,
 ) -> AttentionProblem:
     """A synthetic attention problem.
 
-    x has elements in [-1, 1] times a scale from `x_scales`; the weights have elements in
-    [-1, 1] times a scale from `w_scales` over sqrt(n_embd), the usual initialisation, so
-    with MODERATE scales q, k, v are O(1) and logits a few units at most. The query
-    columns of c_attn are further multiplied by a factor from `logit_scales`, which scales
-    the logits alone (e.g. LARGE_LOGITS).
+    Shapes: with neither `lengths` nor `head_shapes` (the default), batch, n_seq, n_head and
+    head_dim are drawn independently by `shapes` from `batches`, `max_seq`, `max_head` and
+    `max_head_dim`, as they always were. Given either, n_seq is drawn first, from `lengths`
+    (a strategy such as `sequence_lengths()`, or a sequence of lengths) else from `max_seq`;
+    then (n_head, head_dim) from `head_shapes` (else all pairs of `max_head` x `max_head_dim`,
+    smallest n_embd first) and the batch from `batches`, keeping only those within `limits`
+    at that length. n_seq is at least `min_seq` either way.
+
+    Values: by default every array is drawn elementwise in [-1, 1] (`unit_arrays`). With
+    `dense_above` (0..1024), each problem draws `dense_above` such values, which x, c_attn_w,
+    c_attn_b, c_proj_w and c_proj_b in turn take while they fit; an array that does not fit
+    (so any of more than `dense_above` elements) is N(0, 1) from a seed drawn with the
+    problem, and the label says so: "synthetic dense seed=123 x*1 w*1". x is that times a
+    scale from `x_scales`; the weights times a scale from `w_scales` over sqrt(n_embd), the
+    usual initialisation, so with MODERATE scales q, k, v are O(1) and logits a few units
+    at most. The query columns of c_attn are further multiplied by a factor from
+    `logit_scales`, which scales the logits alone (e.g.
+    LARGE_LOGITS).
     """
-    batch, n_seq, n_head, head_dim = draw(
-        shapes(max_seq=max_seq, max_head=max_head, max_head_dim=max_head_dim, batches=batches)
-    )
-    n_seq = max(n_seq, min_seq)
+    if dense_above is not None and not 0 <= dense_above <= 1024:
+        raise InvalidArgument(f"{dense_above=}: each small array draws that many values; keep it within 0..1024")
+    if lengths is None and head_shapes is None:
+        batch, n_seq, n_head, head_dim = draw(
+            shapes(max_seq=max_seq, max_head=max_head, max_head_dim=max_head_dim, batches=batches)
+        )
+        n_seq = max(n_seq, min_seq)
+    else:
+        if head_shapes is None:
+            pairs = [(h, d) for h in _size_list(max_head) for d in _size_list(max_head_dim)]
+            head_shapes = sorted(pairs, key=lambda hd: (hd[0] * hd[1], hd[0]))
+        seqs = _lengths(lengths) if lengths is not None else _sizes(max_seq)
+        batch, n_seq, n_head, head_dim = draw(_limited_shapes(seqs, head_shapes, batches, min_seq, limits))
     n_embd = n_head * head_dim
     x_scale, w_scale = draw(st.sampled_from(x_scales)), draw(st.sampled_from(w_scales))
     logit_scale = draw(st.sampled_from(logit_scales))
+    sizes = ((*batch, n_seq, n_embd), (n_embd, 3 * n_embd), (3 * n_embd,), (n_embd, n_embd), (n_embd,))
+    (x, c_attn_w, c_attn_b, c_proj_w, c_proj_b), seed = _values(draw, sizes, dense_above)
     w = w_scale / math.sqrt(n_embd)
     q_factor = np.concatenate([np.full(n_embd, logit_scale), np.ones(2 * n_embd)])
+    label = "synthetic" + (f" dense seed={seed}" if seed is not None else "") + f" x*{x_scale:g} w*{w_scale:g}"
     return AttentionProblem(
-        x=draw(unit_arrays((*batch, n_seq, n_embd))) * x_scale,
-        c_attn_w=draw(unit_arrays((n_embd, 3 * n_embd))) * w * q_factor,
-        c_attn_b=draw(unit_arrays((3 * n_embd,))) * w * q_factor,
-        c_proj_w=draw(unit_arrays((n_embd, n_embd))) * w,
-        c_proj_b=draw(unit_arrays((n_embd,))) * w,
+        x=x * x_scale,
+        c_attn_w=c_attn_w * w * q_factor,
+        c_attn_b=c_attn_b * w * q_factor,
+        c_proj_w=c_proj_w * w,
+        c_proj_b=c_proj_b * w,
         n_head=n_head,
-        label=f"synthetic x*{x_scale:g} w*{w_scale:g}" + (f" q*{logit_scale:g}" if logit_scale != 1 else ""),
+        label=label + (f" q*{logit_scale:g}" if logit_scale != 1 else ""),
+    )
+
+
+def long_attention_problems(
+    *,
+    max_len: int | None = None,
+    ladder: Sequence[int] = LENGTH_LADDER,
+    between: bool = True,
+    head_shapes: Sequence[tuple[int, int]] = HEAD_SHAPES,
+    batches: Sequence[tuple[int, ...]] = BATCHES,
+    x_scales=MODERATE,
+    w_scales=MODERATE,
+    logit_scales=(1.0,),
+    min_seq: int = 1,
+    dense_above: int = DENSE_ABOVE,
+    limits: SizeLimits = SIZE_LIMITS,
+) -> st.SearchStrategy[AttentionProblem]:
+    """Synthetic problems at the lengths where rewrites change behaviour, with dense values.
+
+    n_seq from `sequence_lengths(ladder=..., max_len=..., between=...)` (1 to 2049 by
+    default: a rung of LENGTH_LADDER, or one time in four a length between two rungs);
+    (n_head, head_dim) from HEAD_SHAPES and the batch from BATCHES, as far as `limits`
+    allow at that n_seq. By default, past 64 tokens n_embd <= 128 (so (12, 64) only up to
+    64 tokens) and the batch is () or (2,); and batch x n_head x n_seq^2 <= 2 x 2049^2
+    always, so 2049 tokens take one head in a batch of 2 or two heads alone, and 12 heads
+    of 2 stop at 836 tokens (591 in a batch). Arrays of more than `dense_above` elements
+    (and any that do not fit in the `dense_above` elementwise values the problem draws) are
+    N(0, 1) from one drawn seed, labelled e.g. "synthetic dense seed=123 x*1 w*1"; the rest
+    as in `attention_problems`.
+    """
+    return attention_problems(
+        lengths=sequence_lengths(ladder=ladder, max_len=max_len, between=between),
+        head_shapes=head_shapes,
+        batches=batches,
+        x_scales=x_scales,
+        w_scales=w_scales,
+        logit_scales=logit_scales,
+        min_seq=min_seq,
+        dense_above=dense_above,
+        limits=limits,
     )
 
 

@@ -112,8 +112,7 @@ def test_faulty_plugins_give_error_verdicts_and_the_run_goes_on(site, tmp_path):
     assert by[("does_not_import", "float32")].claim is None  # nothing claimed, nothing contradicted
     assert not by[("wrong_shape", "float32")].claim_holds  # claimed equivalent, could not run
     assert (
-        "returned shape [1, 3], expected [1, 1] (full output)"
-        in by[("wrong_shape", "float32")].counterexample.message
+        "returned shape [1, 3], expected [1, 1] (full output)" in by[("wrong_shape", "float32")].counterexample.message
     )
     assert "NaN or inf on moderate float64 inputs" in by[("makes_nan", "float32")].counterexample.message
     # the rest of the run went on: the built-in and the good plugin have real verdicts
