@@ -8,9 +8,6 @@ the oracles is known to fail for a fault (`test_fault_injection.py`).
 
 from __future__ import annotations
 
-import hashlib
-import weakref
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -19,7 +16,9 @@ from hypothesis import assume
 
 import oracles
 from oracles.problem import AttentionProblem
-from oracles.truth import Truth, ground_truth
+from oracles.reference import Reference, excess, reference
+from oracles.reference import truth_for as truth_for  # re-exported: rewrites/verify.py, test_oracles.py
+from oracles.truth import Truth
 
 Runner = Callable[[AttentionProblem], np.ndarray]
 
@@ -29,56 +28,18 @@ def oracle_runner(backend: str, dtype: str) -> Runner:
     return lambda problem: oracles.run(backend, problem, dtype)
 
 
-_TRUTHS: OrderedDict[str, Truth] = OrderedDict()
-_TRUTH_BYTES = [0]  # what _TRUTHS holds, kept as entries come and go
-_ROUNDED_KEYS: weakref.WeakKeyDictionary[AttentionProblem, dict] = weakref.WeakKeyDictionary()
-#: A full-context GPT-2 truth holds a few hundred MB of intermediates; Hypothesis's are tiny.
-TRUTH_CACHE_BYTES = 2 * 2**30
-
-
-def _nbytes(t: Truth) -> int:
-    return sum(a.nbytes for a in (t.out, t.qkv, t.z, t.p, t.o, *t.problem.arrays()))
-
-
-def truth_for(problem: AttentionProblem, backend: str, dtype: str) -> Truth:
-    """Ground truth of `problem` as `backend` sees it in `dtype` (inputs rounded). The one
-    truth cache of the project (the verifier uses it too): keyed by the content of the
-    rounded inputs, so backends that round alike share a truth, and each problem object is
-    rounded and hashed once per backend and dtype (a real layer is ~14 MB). Least recently
-    used truths go once the cache holds TRUTH_CACHE_BYTES."""
-    keys = _ROUNDED_KEYS.setdefault(problem, {})
-    rounded = None
-    if (backend, dtype) not in keys:
-        rounded = oracles.rounded(problem, backend, dtype)
-        h = hashlib.sha1(repr((rounded.n_head, rounded.x.shape)).encode())
-        for a in rounded.arrays():
-            h.update(a.tobytes())
-        keys[(backend, dtype)] = h.hexdigest()
-    key = keys[(backend, dtype)]
-    if key in _TRUTHS:
-        _TRUTHS.move_to_end(key)
-        return _TRUTHS[key]
-    truth = ground_truth(rounded if rounded is not None else oracles.rounded(problem, backend, dtype))
-    _TRUTHS[key] = truth
-    _TRUTH_BYTES[0] += _nbytes(truth)
-    while _TRUTH_BYTES[0] > TRUTH_CACHE_BYTES and len(_TRUTHS) > 1:
-        _TRUTH_BYTES[0] -= _nbytes(_TRUTHS.popitem(last=False)[1])
-    return truth
-
-
 def representable(truth: Truth, dtype: str) -> bool:
-    """Whether a correct computation in `dtype` exists (no true intermediate overflows it).
-    Checks use it with `assume`: an input no dtype can hold says nothing about a program."""
+    """Whether a correct computation in `dtype` exists, for a full Truth (rewrites/verify.py);
+    a Reference has the same as `Reference.representable`."""
     return bool(np.isfinite(truth.bound(dtype)).all())
 
 
-def excess(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> float:
-    """max |out - expected| / tolerance (inf for a non-finite output; 0/0 counts as 0)."""
-    if not np.isfinite(out).all():
-        return np.inf
-    err = np.abs(out - expected)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return float(np.max(np.where(err == 0, 0.0, err / tolerance), initial=0.0))
+def _judged(problem: AttentionProblem, backend: str, dtype: str) -> Reference:
+    """The problem's reference; inputs no correct computation in `dtype` can hold are
+    discarded (`assume`), since they say nothing about a program."""
+    ref = reference(problem, backend, dtype)
+    assume(ref.representable)
+    return ref
 
 
 def assert_within(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray, what: str) -> None:
@@ -98,16 +59,14 @@ def assert_within(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray, 
 
 def matches_truth(run: Runner, problem: AttentionProblem, backend: str, dtype: str) -> None:
     """The output is within the derived bound of the float64 truth."""
-    truth = truth_for(problem, backend, dtype)
-    assume(representable(truth, dtype))
-    assert_within(run(problem), truth.out, truth.tolerance(dtype), f"{problem.describe()}, {dtype}")
+    ref = _judged(problem, backend, dtype)
+    assert_within(run(problem), ref.out, ref.tolerance, f"{problem.describe()}, {dtype}")
 
 
 def _same(run: Runner, a: AttentionProblem, b: AttentionProblem, backend: str, dtype: str, sel=np.s_[...]):
     """run(a)[sel] and run(b)[sel] have the same true value; each may err by its own bound."""
-    ta, tb = truth_for(a, backend, dtype), truth_for(b, backend, dtype)
-    assume(representable(ta, dtype) and representable(tb, dtype))
-    tol = ta.tolerance(dtype)[sel] + tb.tolerance(dtype)[sel]
+    ra, rb = _judged(a, backend, dtype), _judged(b, backend, dtype)
+    tol = ra.tolerance[sel] + rb.tolerance[sel]
     return run(a)[sel], run(b)[sel], tol
 
 
@@ -135,9 +94,8 @@ def batch_independent(run: Runner, problem: AttentionProblem, backend: str, dtyp
     batched = run(replace(problem, x=x))
     for i in range(x.shape[0]):
         single = replace(problem, x=x[i])
-        truth = truth_for(single, backend, dtype)
-        assume(representable(truth, dtype))
-        assert_within(batched[i], run(single), 2 * truth.tolerance(dtype), f"batch item {i} of {x.shape[0]}")
+        ref = _judged(single, backend, dtype)
+        assert_within(batched[i], run(single), 2 * ref.tolerance, f"batch item {i} of {x.shape[0]}")
 
 
 def permute_heads(problem: AttentionProblem, perm: np.ndarray) -> AttentionProblem:
@@ -175,8 +133,7 @@ def rows_sum_to_one(run: Runner, problem: AttentionProblem, backend: str, dtype:
     w = problem.c_attn_w.copy()
     w[:, 2 * e :] = 0.0
     constant = replace(problem, c_attn_w=w)
-    truth = truth_for(constant, backend, dtype)
-    assume(representable(truth, dtype))
+    ref = _judged(constant, backend, dtype)
     r = oracles.rounded(constant, backend, dtype)  # the values the backend really sees
-    expected = np.broadcast_to(r.c_attn_b[2 * e :] @ r.c_proj_w + r.c_proj_b, truth.out.shape)
-    assert_within(run(constant), expected, truth.tolerance(dtype), "attention rows sum to 1")
+    expected = np.broadcast_to(r.c_attn_b[2 * e :] @ r.c_proj_w + r.c_proj_b, ref.out.shape)
+    assert_within(run(constant), expected, ref.tolerance, "attention rows sum to 1")

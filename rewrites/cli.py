@@ -21,6 +21,7 @@ def progress(msg: str) -> None:
 def cmd_oracles(args: argparse.Namespace) -> int:
     """Agreement of each oracle with the float64 truth on the real GPT-2 layers."""
     import oracles
+    from oracles.reference import reference
 
     weights = gpt2.load(args.gpt2_weights)
     names = args.backend or backends.available()
@@ -28,14 +29,13 @@ def cmd_oracles(args: argparse.Namespace) -> int:
     rows = []
     for i, problem in enumerate(gpt2.layer_problems(weights, args.n_seq, seed=0)):
         start = time.perf_counter()
-        truth = oracles.ground_truth(problem)  # weights are float32, h rounds per dtype below
         for name in names:
             for dtype in dtypes:
                 if dtype not in backends.get(name).dtypes:
                     continue
-                t = truth if dtype in ("float64",) else oracles.ground_truth(oracles.rounded(problem, name, dtype))
-                err = np.abs(oracles.run(name, problem, dtype) - t.out)
-                tol = t.tolerance(dtype)
+                ref = reference(problem, name, dtype)  # the truth of the inputs as rounded to dtype
+                err = np.abs(oracles.run(name, problem, dtype) - ref.out)
+                tol = ref.tolerance
                 rows.append([i, name, dtype, f"{err.max():.3g}", f"{tol.max():.3g}", f"{np.max(err / tol):.2g}"])
         progress(f"layer {i + 1}/{weights.config.n_layer} done ({time.perf_counter() - start:.1f}s)")
     print(f"Oracles vs float64 truth, real GPT-2 layers ({weights.path}), n_seq={args.n_seq}")
@@ -118,7 +118,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except RewriteFailed as e:
         print(f"{rw.name} on {backend} {dtype}: error: {e}")
         return 1
-    ratio, err, _ = judge(out, truth.out[sl], truth.tolerance(dtype)[sl])
+    ratio, err, _ = judge(out, truth.out[sl], truth.tolerance[sl])
     print(f"{rw.name} on {backend} {dtype}: max |error| {err:.3g}, error/bound {ratio:.3g}")
     if out.size <= 64:
         print(f"rewrite = {np.array2string(out, precision=4)}\ntruth   = {np.array2string(truth.out[sl], precision=4)}")

@@ -3,9 +3,7 @@ checked (shape, dtype) and brought back to float64, then judged against the trut
 
 from __future__ import annotations
 
-import hashlib
 import math
-import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,7 +12,7 @@ import numpy as np
 import oracles
 from oracles import backends
 from oracles.problem import AttentionProblem
-from properties.checks import excess, representable, truth_for
+from oracles.reference import Reference, excess, reference, rounded_key
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
@@ -55,19 +53,6 @@ def output_rows(rw: Rewrite) -> tuple:
     return np.s_[..., -1:, :] if rw.output == "last" else np.s_[...]
 
 
-_KEYS: weakref.WeakKeyDictionary[AttentionProblem, str] = weakref.WeakKeyDictionary()
-
-
-def content_key(problem: AttentionProblem) -> str:
-    """A content hash, computed once per problem object (a real layer is ~14 MB)."""
-    if problem not in _KEYS:
-        h = hashlib.sha1(repr((problem.n_head, problem.x.shape)).encode())
-        for a in problem.arrays():
-            h.update(a.tobytes())
-        _KEYS[problem] = h.hexdigest()
-    return _KEYS[problem]
-
-
 class References:
     """What outputs are judged against, shared by every rewrite (they see the same
     problems): the float64 truth with its bound, and each backend's oracle output."""
@@ -75,14 +60,15 @@ class References:
     def __init__(self, limit: int = 20000) -> None:
         self.limit, self.oracles = limit, {}
 
-    def truth(self, problem: AttentionProblem, backend: str, dtype: str):
-        return truth_for(problem, backend, dtype)
+    def truth(self, problem: AttentionProblem, backend: str, dtype: str) -> Reference:
+        """The truth's output and tolerance (oracles.reference: in memory, long ones on disk)."""
+        return reference(problem, backend, dtype)
 
     def representable(self, problem: AttentionProblem, backend: str, dtype: str) -> bool:
-        return representable(self.truth(problem, backend, dtype), dtype)
+        return self.truth(problem, backend, dtype).representable
 
     def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
-        key = (content_key(problem), backend, dtype)
+        key = (rounded_key(problem, backend, dtype)[0], backend)  # the oracle sees the rounded inputs
         if key not in self.oracles:
             if len(self.oracles) >= self.limit:
                 self.oracles.pop(next(iter(self.oracles)))
@@ -112,6 +98,6 @@ def outcome(
     """Run the rewrite and compare it with the truth (and, if `bitwise`, the oracle's bits)."""
     out = run_rewrite(rw, backend, dtype, problem)
     truth, sl = refs.truth(problem, backend, dtype), output_rows(rw)
-    ratio, abs_err, nonfinite = judge(out, truth.out[sl], truth.tolerance(dtype)[sl])
+    ratio, abs_err, nonfinite = judge(out, truth.out[sl], truth.tolerance[sl])
     same = bitwise and np.array_equal(out, refs.oracle(problem, backend, dtype)[sl])
     return Outcome(ratio, abs_err, same, nonfinite)
