@@ -2,7 +2,7 @@
 
 import math
 
-from rewrites.common import causal, heads_qkv, logits, project_out
+from rewrites.common import causal, heads_qkv, logits, project_out, scale
 from rewrites.registry import rewrite
 
 
@@ -60,33 +60,41 @@ def online_softmax(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return project_out(xp, acc / total, c_proj_w, c_proj_b)
 
 
+def _update_rows(xp, old, new, start: int):
+    """old with its rows from `start` on replaced by `new` (rows before it are final), without writing in place."""
+    return xp.concat([old[..., :start, :], new], axis=-2)
+
+
 def _flash(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, block: int):
-    """FlashAttention's forward: query tiles x key tiles, online softmax, future tiles skipped."""
-    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    n, hd = q.shape[-2], q.shape[-1]
-    tiles = []
-    for qi in range(0, n, block):
-        qb = q[..., qi : qi + block, :]  # [..., H, bq, hd]
-        m = acc = total = None
-        for kj in range(0, min(qi + block, n), block):  # key tiles wholly in the future are skipped
-            s = qb @ xp.matrix_transpose(k[..., kj : kj + block, :]) / math.sqrt(hd)  # [..., H, bq, bk]
-            s = xp.where(causal(xp, s.shape[-2], s.shape[-1], offset=qi - kj), s, -math.inf)
-            m_tile = xp.max(s, axis=-1, keepdims=True)
-            m_new = m_tile if m is None else xp.maximum(m, m_tile)  # tile 0 holds key 0: finite
-            p = xp.exp(s - m_new)
-            alpha = None if m is None else xp.exp(m - m_new)
-            pv, ps = p @ v[..., kj : kj + block, :], xp.sum(p, axis=-1, keepdims=True)
-            acc, total = (pv, ps) if m is None else (acc * alpha + pv, total * alpha + ps)
-            m = m_new
-        tiles.append(acc / total)
-    return project_out(xp, xp.concat(tiles, axis=-2), c_proj_w, c_proj_b)
+    """FlashAttention-2's forward: key tiles in order with an online softmax, every query tile
+    at once (on a GPU they run in parallel). A key tile meets only the query rows at or
+    after its first key, so tiles wholly in the future are never computed; each row sees
+    the same tiles of keys, in the same order, as a query tile of FA2 does."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n, hd]
+    n = q.shape[-2]
+    m = total = acc = None  # per query row: running max, running sum, unnormalised output
+    for kj in range(0, n, block):
+        kt, vt = k[..., kj : kj + block, :], v[..., kj : kj + block, :]  # [..., H, bk, hd]
+        s = q[..., kj:, :] @ xp.matrix_transpose(kt) * scale(q.shape[-1])  # rows kj.. : [..., H, n-kj, bk]
+        s = xp.where(causal(xp, n - kj, kt.shape[-2]), s, -math.inf)  # row kj+r sees key kj+c iff c <= r
+        m_tile = xp.max(s, axis=-1, keepdims=True)  # key kj is visible to every row here: finite
+        if m is None:
+            p = xp.exp(s - m_tile)
+            m, total, acc = m_tile, xp.sum(p, axis=-1, keepdims=True), p @ vt
+            continue
+        m_new = xp.maximum(m[..., kj:, :], m_tile)  # [..., H, n-kj, 1]
+        alpha, p = xp.exp(m[..., kj:, :] - m_new), xp.exp(s - m_new)
+        total = _update_rows(xp, total, total[..., kj:, :] * alpha + xp.sum(p, axis=-1, keepdims=True), kj)
+        acc = _update_rows(xp, acc, acc[..., kj:, :] * alpha + p @ vt, kj)
+        m = _update_rows(xp, m, m_new, kj)
+    return project_out(xp, acc / total, c_proj_w, c_proj_b)
 
 
 def _flash_rewrite(block: int):
     def fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
         return _flash(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, block)
 
-    fn.__doc__ = f"Tiled FlashAttention-style forward, {block}x{block} tiles, online softmax across key tiles."
+    fn.__doc__ = f"Tiled FlashAttention-2-style forward, key tiles of {block}, online softmax across them."
     return rewrite(family="softmax", claim="equivalent", name=f"flash_tiled_block{block}")(fn)
 
 
