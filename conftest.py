@@ -75,6 +75,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             raise pytest.UsageError(f"--rewrite: {e}") from None
         from rewrites.verify import CLAIM_DTYPES
 
+        marker = metafunc.definition.get_closest_marker("families")
+        rewrites = [rw for rw in rewrites if marker is None or rw.family in marker.args]
         params = []
         for rw in rewrites:  # claims are held in float64 and float32; `verify` reports half precision
             for p in backend_params(metafunc.config, CLAIM_DTYPES):
@@ -92,6 +94,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dtypes(*names): run this backend/dtype test only in these dtypes")
+    config.addinivalue_line("markers", "families(*names): run this rewrite test only for these families")
     config.addinivalue_line("markers", "xdist_group(name): tests that pytest-xdist keeps on one worker")
 
 
@@ -121,22 +124,34 @@ def _release_jax_executables():
 _VERDICTS: dict[tuple[str, str], list] = {}
 
 
-@pytest.fixture(scope="session")
-def verifier(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
-    from rewrites.verify import CLAIM_DTYPES, Config, Verifier
-
-    weights = pytestconfig.getoption("gpt2_weights")
-    cfg = Config(
-        examples=pytestconfig.getoption("examples"),
-        gpt2_weights=weights,
-        report_dir=tmp_path_factory.mktemp("report"),
-        dtypes=CLAIM_DTYPES,
-    )
-    return Verifier(cfg)
+#: Families whose behaviour changes with length: pytest searches them as `verify` does, to
+#: n_seq 2049 and real layers at 1024; the others get the quick profile (short shapes).
+LENGTH_FAMILIES = ("tiles", "length_mutant")
 
 
 @pytest.fixture(scope="session")
-def verdicts(verifier, pytestconfig: pytest.Config):
+def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
+    """family -> the Verifier for it (the full profile for LENGTH_FAMILIES, else the quick one)."""
+    from rewrites.verify import CLAIM_DTYPES, Config, Verifier, inputs
+
+    def make(profile) -> Verifier:
+        return Verifier(
+            Config(
+                examples=pytestconfig.getoption("examples"),
+                gpt2_weights=pytestconfig.getoption("gpt2_weights"),
+                report_dir=tmp_path_factory.mktemp("report"),
+                dtypes=CLAIM_DTYPES,
+                profile=profile,
+                explicit_examples=False,  # faults must be found by the search itself
+            )
+        )
+
+    full, quick = make(inputs.FULL), make(inputs.QUICK)
+    return lambda family: full if family in LENGTH_FAMILIES else quick
+
+
+@pytest.fixture(scope="session")
+def verdicts(verifiers, pytestconfig: pytest.Config):
     """verdicts(rewrite, backend) -> its Results (Hypothesis and, when weights exist, GPT-2)."""
     try:
         gpt2.load(pytestconfig.getoption("gpt2_weights"))
@@ -149,7 +164,7 @@ def verdicts(verifier, pytestconfig: pytest.Config):
     def get(rw, backend: str) -> list:
         key = (rw.name, backend)
         if key not in _VERDICTS:
-            _VERDICTS[key] = verifier.verify_one(rw, [backend], gpt2_inputs=with_gpt2)
+            _VERDICTS[key] = verifiers(rw.family).verify_one(rw, [backend], gpt2_inputs=with_gpt2)
         return _VERDICTS[key]
 
     return get

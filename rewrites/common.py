@@ -19,6 +19,7 @@ __all__ = [
     "merge_heads",
     "project_out",
     "scale",
+    "scores",
     "softmax",
     "split_heads",
     "split_qkv",
@@ -63,7 +64,14 @@ def softmax(xp, z):
 
 
 def scale(head_dim: int) -> float:
+    """GPT-2's score scale, 1/sqrt(head_dim), as a factor (multiplying by it rounds differently
+    from dividing by sqrt(head_dim): see `scores`)."""
     return 1.0 / math.sqrt(head_dim)
+
+
+def scores(xp, q, k):
+    """q @ k^T / sqrt(head_dim), divided as picoGPT does: [..., nq, hd] x [..., nk, hd] -> [..., nq, nk]."""
+    return q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
 
 
 def heads_qkv(x, c_attn_w, c_attn_b, n_head: int):
@@ -81,5 +89,4 @@ def project_out(xp, o, c_proj_w, c_proj_b):
 
 def logits(xp, q, k):
     """Scaled, causally masked scores: [..., n_head, n_seq, n_seq], -inf above the diagonal."""
-    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
-    return xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)
+    return xp.where(causal(xp, q.shape[-2], k.shape[-2]), scores(xp, q, k), -math.inf)

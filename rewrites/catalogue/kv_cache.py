@@ -1,8 +1,6 @@
 """Incremental decoding with cached keys and values, compared row by row with the full pass."""
 
-import math
-
-from rewrites.common import array_namespace, linear, project_out, softmax, split_heads, split_qkv
+from rewrites.common import array_namespace, linear, project_out, scores, softmax, split_heads, split_qkv
 from rewrites.registry import rewrite
 
 
@@ -11,7 +9,7 @@ def decode_step(xp, x_t, cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     q, k, v = (split_heads(xp, t, n_head) for t in split_qkv(xp, linear(x_t, c_attn_w, c_attn_b)))
     cache["k"] = k if cache.get("k") is None else xp.concat([cache["k"], k], axis=-2)  # [..., H, t+1, hd]
     cache["v"] = v if cache.get("v") is None else xp.concat([cache["v"], v], axis=-2)
-    z = q @ xp.matrix_transpose(cache["k"]) / math.sqrt(q.shape[-1])  # [..., H, 1, t+1]
+    z = scores(xp, q, cache["k"])  # [..., H, 1, t+1]
     return project_out(xp, softmax(xp, z) @ cache["v"], c_proj_w, c_proj_b)  # [..., 1, n_embd]
 
 

@@ -2,14 +2,14 @@
 
 import math
 
-from rewrites.common import causal, heads_qkv, project_out, softmax
+from rewrites.common import causal, heads_qkv, project_out, scores, softmax
 from rewrites.registry import rewrite
 
 
 def _scores(x, c_attn_w, c_attn_b, n_head):
     """Unmasked scaled scores [..., H, n, n], plus xp, v and the [n, n] causal mask."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    return xp, q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1]), v, causal(xp, q.shape[-2])
+    return xp, scores(xp, q, k), v, causal(xp, q.shape[-2])
 
 
 @rewrite(family="masks", claim="equivalent")
@@ -52,7 +52,7 @@ def lower_triangle_only(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     rows = []
     for i in range(q.shape[-2]):
-        z = q[..., i : i + 1, :] @ xp.matrix_transpose(k[..., : i + 1, :]) / math.sqrt(q.shape[-1])  # [..., H, 1, i+1]
+        z = scores(xp, q[..., i : i + 1, :], k[..., : i + 1, :])  # [..., H, 1, i+1]
         rows.append(softmax(xp, z) @ v[..., : i + 1, :])
     return project_out(xp, xp.concat(rows, axis=-2), c_proj_w, c_proj_b)
 
@@ -71,7 +71,7 @@ def causal_query_blocks(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     out = []
     for start in range(0, n, size):
         end = min(start + size, n)
-        z = q[..., start:end, :] @ xp.matrix_transpose(k[..., :end, :]) / math.sqrt(q.shape[-1])  # [..., H, b, end]
+        z = scores(xp, q[..., start:end, :], k[..., :end, :])  # [..., H, b, end]
         z = xp.where(causal(xp, end - start, end, offset=start), z, -math.inf)
         out.append(softmax(xp, z) @ v[..., :end, :])  # [..., H, b, hd]
     return project_out(xp, xp.concat(out, axis=-2), c_proj_w, c_proj_b)

@@ -10,6 +10,8 @@ from rewrites.common import (
     linear,
     logits,
     project_out,
+    scale,
+    scores,
     softmax,
     split_heads,
     split_qkv,
@@ -27,7 +29,7 @@ def _attend(xp, q, k, v, allowed, scale, c_proj_w, c_proj_b, axis=-1):
 def no_causal_mask(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Forgets the mask: every token sees the future."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    return project_out(xp, softmax(xp, q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])) @ v, c_proj_w, c_proj_b)
+    return project_out(xp, softmax(xp, scores(xp, q, k)) @ v, c_proj_w, c_proj_b)
 
 
 @rewrite(family="mutant", claim="inequivalent")
@@ -35,7 +37,7 @@ def mask_off_by_one(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Mask shifted by one: each query also sees the next token."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     n = q.shape[-2]
-    return _attend(xp, q, k, v, causal(xp, n, n, offset=1), 1 / math.sqrt(q.shape[-1]), c_proj_w, c_proj_b)
+    return _attend(xp, q, k, v, causal(xp, n, n, offset=1), scale(q.shape[-1]), c_proj_w, c_proj_b)
 
 
 @rewrite(family="mutant", claim="inequivalent")
@@ -43,7 +45,7 @@ def softmax_wrong_axis(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Normalises over queries (axis -2) instead of keys."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     n = q.shape[-2]
-    return _attend(xp, q, k, v, causal(xp, n), 1 / math.sqrt(q.shape[-1]), c_proj_w, c_proj_b, axis=-2)
+    return _attend(xp, q, k, v, causal(xp, n), scale(q.shape[-1]), c_proj_w, c_proj_b, axis=-2)
 
 
 @rewrite(family="mutant", claim="inequivalent")
@@ -95,7 +97,7 @@ def last_token_wrong_row(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     xp, _, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     q, _, _ = split_qkv(xp, linear(x[..., :1, :], c_attn_w, c_attn_b))
     q = split_heads(xp, q, n_head)
-    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    z = scores(xp, q, k)
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
 
 
@@ -109,7 +111,7 @@ def kv_cache_missing_current_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_
             steps.append(decode_step(xp, x_t, cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head))
             continue
         q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(x_t, c_attn_w, c_attn_b)))
-        z = q @ xp.matrix_transpose(cache["k"]) / math.sqrt(q.shape[-1])
+        z = scores(xp, q, cache["k"])
         steps.append(project_out(xp, softmax(xp, z) @ cache["v"], c_proj_w, c_proj_b))
         cache["k"], cache["v"] = xp.concat([cache["k"], k], axis=-2), xp.concat([cache["v"], v], axis=-2)
     return xp.concat(steps, axis=-2)
@@ -119,6 +121,6 @@ def kv_cache_missing_current_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_
 def mask_minus_1e4(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Additive mask of -1e4 (safe in float16's range): with logits near 1e4 the future leaks back in."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    z = scores(xp, q, k)
     z = z + (1 - xp.astype(causal(xp, q.shape[-2]), z.dtype)) * -1e4
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)

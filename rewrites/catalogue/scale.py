@@ -2,7 +2,7 @@
 
 import math
 
-from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
+from rewrites.common import array_namespace, causal, heads_qkv, project_out, scale, softmax
 from rewrites.registry import rewrite
 
 
@@ -30,7 +30,7 @@ def scale_on_k(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 def scale_multiplied_on_scores(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """(q @ k^T) * (1/sqrt(d)): a multiplication by the rounded reciprocal instead of a division."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    z = q @ xp.matrix_transpose(k) * (1 / math.sqrt(q.shape[-1]))
+    z = q @ xp.matrix_transpose(k) * scale(q.shape[-1])
     z = xp.where(causal(xp, q.shape[-2]), z, -math.inf)
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
 
@@ -40,7 +40,7 @@ def scale_folded_into_w_q(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Pre-multiply the q columns of c_attn (weight and bias) by 1/sqrt(d), once, offline."""
     xp = array_namespace(x)
     e = x.shape[-1]
-    s = 1 / math.sqrt(e // n_head)
+    s = scale(e // n_head)
     factor = xp.concat([xp.full((e,), s, dtype=x.dtype), xp.ones((2 * e,), dtype=x.dtype)])
     xp, q, k, v = heads_qkv(x, c_attn_w * factor, c_attn_b * factor, n_head)
     return _attend_prescaled(xp, q, k, v, c_proj_w, c_proj_b)

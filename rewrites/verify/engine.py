@@ -29,6 +29,7 @@ class Config:
     report_dir: Path = Path("report")
     dtypes: tuple[str, ...] = backends.DTYPES
     explicit_examples: bool = True  # try inputs.known_hard() before each synthetic search
+    profile: inputs.Profile = inputs.FULL  # how far the searches go
 
 
 @dataclass(frozen=True)
@@ -64,19 +65,23 @@ class Verifier:
             rw,
             backend,
             Inputs.HYPOTHESIS,
-            lambda: run(inputs.MODERATE_PROBLEMS, "float64", Stage.FORMULA),
-            lambda dtype: run(inputs.EXTREME_PROBLEMS, dtype, Stage.DTYPE),
+            lambda: run(self.config.profile.moderate, "float64", Stage.FORMULA),
+            lambda dtype: run(self.config.profile.extreme, dtype, Stage.DTYPE),
         )
 
     def real_layers(self) -> inputs.RealLayers:
         if self._gpt2 is None:
-            n_seq = self.config.gpt2_n_seq or inputs.FULL_CONTEXT
+            n_seq = self.real_n_seq or inputs.FULL_CONTEXT
             self._gpt2 = inputs.RealLayers(gpt2.load(self.config.gpt2_weights), n_seq, seed=0)
         return self._gpt2
 
+    @property
+    def real_n_seq(self) -> int | None:
+        return self.config.gpt2_n_seq or self.config.profile.real_n_seq
+
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
         def run(dtype: str, stage: Stage) -> Search:
-            plan = inputs.real_plan(backend, dtype, len(self.real_layers().full), self.config.gpt2_n_seq)
+            plan = inputs.real_plan(backend, dtype, len(self.real_layers().full), self.real_n_seq)
             return sweep(self.real_layers().problems(plan), Search(rw, backend, dtype, stage), self.refs)
 
         return self._results(

@@ -16,19 +16,45 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from hypothesis.strategies import SearchStrategy
 
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
-from properties.strategies import EXTREME, LARGE_LOGITS, long_attention_problems
+from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems, long_attention_problems
 from rewrites.verify.verdicts import CLAIM_DTYPES
-
-MODERATE_PROBLEMS = long_attention_problems()
-EXTREME_PROBLEMS = long_attention_problems(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
 
 FULL_CONTEXT = 1024
 OFF_LADDER = 1000  # a full-context length that is not a power of two
 HALF_PRECISION_N_SEQ = 256
 SHORT = 16
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How far the searches go: the synthetic strategies and the real-layer lengths."""
+
+    name: str
+    moderate: SearchStrategy  # Stage.FORMULA: float64, moderate magnitudes
+    extreme: SearchStrategy  # Stage.DTYPE: each dtype, extreme magnitudes and large logits too
+    real_n_seq: int | None  # None: `real_plan`'s lengths up to the full context; N: every layer at N
+
+
+#: What `verify` runs: lengths to 2049, head_dim to 128, 12 heads, real layers at 1024.
+FULL = Profile(
+    "full",
+    long_attention_problems(),
+    long_attention_problems(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS),
+    None,
+)
+# Few distinct short shapes (JAX compiles per shape); still two heads, head_dim > 1, a partial tile.
+_SHORT_SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))
+#: The quick profile pytest uses for rewrites whose behaviour does not depend on length.
+QUICK = Profile(
+    "quick",
+    attention_problems(**_SHORT_SHAPES),
+    attention_problems(**_SHORT_SHAPES, x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS),
+    SHORT,
+)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,44 @@
+"""Length-dependent faults are found at their exact first failing length, by the search alone.
+
+The verdicts are the ones test_rewrites.py holds claims against (the same cached searches),
+searched with the full profile (lengths to 2049, real layers at 1024) and no explicit
+examples. Each length mutant's counterexample must be cut to the length where it first
+fails: its first L tokens fail and its first L - 1 pass (bisection over prefixes)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rewrites.verify import Inputs, Verdict
+
+#: Where each mutant is designed to start failing (its docstring says why); None: depends on
+#: the content (a rescale is missed only once a later tile raises a row's max), past 64.
+FIRST_FAILS_AT = {
+    "sliding_window_300": 301,
+    "top_k_32": 33,
+    "tiles_64_tail_dropped": 65,
+    "online_softmax_64_no_rescale": None,
+    "chunked_prefill_100_off_by_one": 101,
+    "ring_buffer_overflow_1000": 1001,
+}
+
+
+@pytest.mark.families("length_mutant")
+def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, verdicts):
+    rw, backend, dtype = rewrite_case
+    (r,) = [r for r in verdicts(rw, backend) if r.dtype == dtype and r.inputs is Inputs.HYPOTHESIS]
+    assert r.verdict is Verdict.INEQUIVALENT, f"{rw.name} on {backend} {dtype}: {r.verdict}"
+    ce = r.counterexample
+    expected = FIRST_FAILS_AT[rw.name]
+    if expected is None:
+        assert ce.first_fails_at > 64, ce
+    else:
+        assert ce.first_fails_at == expected, ce
+    assert ce.shape["n_seq"] == ce.first_fails_at  # the saved problem is the cut one
+    assert ce.examples_to_find is not None
+
+
+def test_every_length_mutant_has_a_stated_threshold():
+    from rewrites.registry import builtin
+
+    assert {rw.name for rw in builtin() if rw.family == "length_mutant"} == set(FIRST_FAILS_AT)
