@@ -21,6 +21,7 @@ import tempfile
 import warnings
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,8 @@ from oracles import truth as truth_module
 from oracles.problem import AttentionProblem
 from oracles.truth import Truth
 
-#: Outputs with at least this many elements go to disk (a GPT-2 layer at n_seq 1024 has 786k).
-DISK_MIN_ELEMENTS = 100_000
+#: Problems this large or larger go to disk (see `size`; a GPT-2 layer at n_seq 1024 is ~13M).
+DISK_MIN_ELEMENTS = 8_192
 #: A full-context GPT-2 truth holds a few hundred MB of intermediates; Hypothesis's are tiny.
 MEMORY_BYTES = 2 * 2**30
 ENV_VAR = "ATTENTION_REWRITES_CACHE"
@@ -200,6 +201,10 @@ def _read(path: Path, shape: tuple[int, ...], dtype: str) -> Reference | None:
 
 
 def _write(path: Path, ref: Reference) -> None:
+    _write_array(path, np.stack([ref.out, ref.tolerance]))
+
+
+def _write_array(path: Path, array: np.ndarray) -> None:
     """Write atomically (temp file in the same folder, then rename), so a concurrent reader
     sees the whole file or none; an unwritable folder warns once and is left alone."""
     folder = path.parent
@@ -210,7 +215,7 @@ def _write(path: Path, ref: Reference) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.stem}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            np.save(f, np.stack([ref.out, ref.tolerance]), allow_pickle=False)
+            np.save(f, array, allow_pickle=False)
         os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is not secret
         os.replace(tmp, path)
     except OSError as e:
@@ -218,6 +223,39 @@ def _write(path: Path, ref: Reference) -> None:
             Path(tmp).unlink(missing_ok=True)
         _unwritable.add(folder)
         warnings.warn(f"truth cache: cannot write {folder} ({e}); keeping references in memory only", stacklevel=3)
+
+
+def size(problem: AttentionProblem) -> int:
+    """What a problem costs the truth, in elements: its input and its attention scores
+    (n_seq^2 per head and batch item, which dominate at long lengths)."""
+    scores = int(np.prod(problem.x.shape[:-2], dtype=np.int64)) * problem.n_head * problem.n_seq**2
+    return problem.x.size + scores
+
+
+def stored(parts: tuple, shape: tuple[int, ...], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """A float64 array of `shape` kept on disk under a key made of `parts` (content keys and
+    the fingerprints of the code that computes it): read when present and sound, else
+    computed and written. For long intermediates other than references: oracle outputs,
+    the real layers' inputs along the attention path."""
+    folder = cache_dir()
+    stem = hashlib.sha1(repr((FORMAT, *parts)).encode()).hexdigest()
+    path = None if folder is None else folder / f"{stem}.npy"
+    if path is not None:
+        try:
+            a = np.load(path, allow_pickle=False)
+            if isinstance(a, np.ndarray) and a.shape == shape and a.dtype == np.float64:
+                return a
+        except Exception:  # missing or damaged: recomputed below
+            pass
+    a = np.asarray(compute(), np.float64)
+    if path is not None:
+        _write_array(path, a)
+    return a
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """sha1 of a source file's bytes: a key part that changes when that code changes."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()
 
 
 # --- the reference -----------------------------------------------------------------------
@@ -245,7 +283,7 @@ def reference(problem: AttentionProblem, backend: str, dtype: str) -> Reference:
     ref = _MEMORY.get(("ref", key, dtype))
     if ref is not None:
         return ref
-    path = _path(key, dtype) if problem.x.size >= DISK_MIN_ELEMENTS else None
+    path = _path(key, dtype) if size(problem) >= DISK_MIN_ELEMENTS else None
     ref = _read(path, problem.x.shape, dtype) if path is not None else None
     if ref is None:
         ref = _compute(key, problem, backend, dtype, rounded)

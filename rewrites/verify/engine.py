@@ -66,7 +66,7 @@ class Verifier:
             backend,
             Inputs.HYPOTHESIS,
             lambda: run(self.config.profile.moderate, "float64", Stage.FORMULA),
-            lambda dtype: run(self.config.profile.extreme, dtype, Stage.DTYPE),
+            lambda dtype: run(self.config.profile.extreme_for(dtype), dtype, Stage.DTYPE),
         )
 
     def real_layers(self) -> inputs.RealLayers:
@@ -81,7 +81,7 @@ class Verifier:
 
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
         def run(dtype: str, stage: Stage) -> Search:
-            plan = inputs.real_plan(backend, dtype, len(self.real_layers().full), self.real_n_seq)
+            plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             return sweep(self.real_layers().problems(plan), Search(rw, backend, dtype, stage), self.refs)
 
         return self._results(

@@ -3,56 +3,76 @@ examples of known hard cases.
 
 Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
 `LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 128 and up to
-12 heads, dense content at long lengths (see `properties.strategies`). Real GPT-2 layers
-are seen at the full context: in float64 and float32 each backend sees four of the 12
-layers at n_seq 1024 (so the three backends cover all 12 in every run) and one at 1000,
-not a power of two; float16 and bfloat16, whose NumPy matmuls have no BLAS, see those four
-layers at 256; every backend and dtype also sees all 12 layers at 16 tokens.
+12 heads, dense content at long lengths (see `properties.strategies`); in float16 and
+bfloat16, whose NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2 layers are seen
+at the full context: in float64 and float32 each rewrite x backend sees one of the 12
+layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the rewrite's
+name and the backend so that the three backends see layers four apart and a catalogue run
+covers all 12; float16 and bfloat16 see that layer at 256; every backend and dtype also
+sees all 12 layers at 16 tokens.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from hypothesis.strategies import SearchStrategy
 
-from oracles import backends, gpt2
+from oracles import backends, gpt2, truth
 from oracles.problem import AttentionProblem
-from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems, long_attention_problems
+from oracles.reference import file_fingerprint, stored
+from properties.strategies import EXTREME, LARGE_LOGITS, LENGTH_LADDER, attention_problems, long_attention_problems
 from rewrites.verify.verdicts import CLAIM_DTYPES
 
 FULL_CONTEXT = 1024
 OFF_LADDER = 1000  # a full-context length that is not a power of two
 HALF_PRECISION_N_SEQ = 256
 SHORT = 16
+HALF_MAX_LEN = 257  # synthetic lengths in half precision: NumPy's float16 matmul has no BLAS
+
+
+Bands = tuple[SearchStrategy, ...]  # one search = one Hypothesis search per band, examples shared out
 
 
 @dataclass(frozen=True)
 class Profile:
-    """How far the searches go: the synthetic strategies and the real-layer lengths."""
+    """How far the searches go: the synthetic strategies (in length bands, each given its
+    share of a search's examples, so long lengths are always reached) and the real-layer
+    lengths."""
 
     name: str
-    moderate: SearchStrategy  # Stage.FORMULA: float64, moderate magnitudes
-    extreme: SearchStrategy  # Stage.DTYPE: each dtype, extreme magnitudes and large logits too
+    moderate: Bands  # Stage.FORMULA: float64, moderate magnitudes
+    extreme: Bands  # Stage.DTYPE: each dtype, extreme magnitudes and large logits too
     real_n_seq: int | None  # None: `real_plan`'s lengths up to the full context; N: every layer at N
+    extreme_half: Bands | None = None  # Stage.DTYPE in float16/bfloat16 (default: `extreme`)
+
+    def extreme_for(self, dtype: str) -> Bands:
+        return self.extreme if dtype in CLAIM_DTYPES or self.extreme_half is None else self.extreme_half
 
 
-#: What `verify` runs: lengths to 2049, head_dim to 128, 12 heads, real layers at 1024.
+SHORT_BAND = tuple(n for n in LENGTH_LADDER if n <= HALF_MAX_LEN)  # 1 .. 257
+LONG_BAND = tuple(n for n in LENGTH_LADDER if n >= 255)  # 255 .. 2049
+_EXTREME = dict(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
+
+#: What `verify` runs: half of each search's examples at 1..257 tokens, half at 255..2049
+#: (both with lengths between the rungs too), head_dim to 128, 12 heads; real layers at 1024.
 FULL = Profile(
     "full",
-    long_attention_problems(),
-    long_attention_problems(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS),
+    (long_attention_problems(ladder=SHORT_BAND), long_attention_problems(ladder=LONG_BAND)),
+    (long_attention_problems(ladder=SHORT_BAND, **_EXTREME), long_attention_problems(ladder=LONG_BAND, **_EXTREME)),
     None,
+    (long_attention_problems(ladder=SHORT_BAND, **_EXTREME),),
 )
 # Few distinct short shapes (JAX compiles per shape); still two heads, head_dim > 1, a partial tile.
 _SHORT_SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))
 #: The quick profile pytest uses for rewrites whose behaviour does not depend on length.
 QUICK = Profile(
     "quick",
-    attention_problems(**_SHORT_SHAPES),
-    attention_problems(**_SHORT_SHAPES, x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS),
+    (attention_problems(**_SHORT_SHAPES),),
+    (attention_problems(**_SHORT_SHAPES, **_EXTREME),),
     SHORT,
 )
 
@@ -63,16 +83,16 @@ class RealInput:
     n_seq: int
 
 
-def real_plan(backend: str, dtype: str, n_layer: int = 12, n_seq: int | None = None) -> list[RealInput]:
-    """The (layer, n_seq) pairs a backend sees in a dtype (the module doc says why); with
-    `n_seq` given, every layer at that length alone (a quick run)."""
+def real_plan(rewrite: str, backend: str, dtype: str, n_layer: int = 12, n_seq: int | None = None) -> list[RealInput]:
+    """The (layer, n_seq) pairs a rewrite sees on a backend in a dtype (the module doc says
+    why); with `n_seq` given, every layer at that length alone (a quick run)."""
     if n_seq is not None:
         return [RealInput(i, n_seq) for i in range(n_layer)]
-    b = backends.NAMES.index(backend) % 3  # backends share out the layers: all 12 in every run
-    mine = list(range(b, n_layer, 3))
-    long = [RealInput(i, FULL_CONTEXT) for i in mine] + [RealInput((b + 1) % n_layer, OFF_LADDER)]
+    spread = n_layer // len(backends.NAMES)  # the backends' layers are this far apart
+    layer = (zlib.crc32(rewrite.encode()) + spread * backends.NAMES.index(backend)) % n_layer
+    long = [RealInput(layer, FULL_CONTEXT), RealInput((layer + 1) % n_layer, OFF_LADDER)]
     if dtype not in CLAIM_DTYPES:
-        long = [RealInput(i, HALF_PRECISION_N_SEQ) for i in mine]
+        long = [RealInput(layer, HALF_PRECISION_N_SEQ)]
     return [RealInput(i, SHORT) for i in range(n_layer)] + long
 
 
@@ -82,7 +102,14 @@ class RealLayers:
     first n tokens is the first n rows of the stream)."""
 
     def __init__(self, weights: gpt2.GPT2Weights, n_seq: int, seed: int = 0) -> None:
-        self.full = gpt2.layer_problems(weights, n_seq, seed)
+        # ~20 s at 1024 tokens (the float64 attention path through 11 layers): kept on disk,
+        # keyed by the weights file and the code that computes it
+        c = weights.config
+        parts = ("layer inputs", str(weights.path), weights.path.stat().st_size, weights.path.stat().st_mtime_ns,
+                 file_fingerprint(gpt2.__file__), file_fingerprint(truth.__file__), n_seq, seed)  # fmt: skip
+        make = lambda: np.stack([p.x for p in gpt2.layer_problems(weights, n_seq, seed)])
+        xs = stored(parts, (c.n_layer, n_seq, c.n_embd), make)
+        self.full = [layer.problem(x) for layer, x in zip(weights.layers(), xs, strict=True)]
 
     def problems(self, plan: Sequence[RealInput]) -> list[tuple[int, AttentionProblem]]:
         return [(r.layer, self.full[r.layer].prefix(r.n_seq)) for r in plan]

@@ -99,11 +99,16 @@ def without_local_constants() -> None:
 
 
 def hypothesis_search(
-    strategy: SearchStrategy, s: Search, refs: References, examples: int, explicit: Sequence[AttentionProblem] = ()
+    bands: Sequence[SearchStrategy],
+    s: Search,
+    refs: References,
+    examples: int,
+    explicit: Sequence[AttentionProblem] = (),
 ) -> Search:
-    """Try the `explicit` problems, then draw up to `examples` problems (derandomised: every
-    rewrite sees the same ones), steered towards the largest error/bound ratio, until one
-    fails; shrink it, then cut it to its exact first failing length. `s` is filled in."""
+    """Try the `explicit` problems, then search each band of strategies in turn with an
+    equal share of `examples` (derandomised: every rewrite sees the same problems), steered
+    towards the largest error/bound ratio, until one fails; shrink it, then cut it to its
+    exact first failing length. `s` is filled in."""
     without_local_constants()
     start = time.perf_counter()
     opts = settings(
@@ -126,9 +131,12 @@ def hypothesis_search(
         if s.failing(problem, refs) is not None:
             s.failure = problem
             break
-    if s.failure is None:
+    for i, strategy in enumerate(bands):
+        if s.failure is not None:
+            break
+        share = examples * (i + 1) // len(bands) - examples * i // len(bands)
         try:
-            s.failure = find(strategy, fails, settings=opts)
+            s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)))
         except NoSuchExample:
             pass
     if s.failure is not None:
