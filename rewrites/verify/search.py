@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, Phase, find, settings, target
 from hypothesis.errors import NoSuchExample
 
 from oracles.problem import AttentionProblem
+from oracles.reference import size
 from rewrites.verify.execute import References, RewriteFailed, outcome
 
 if TYPE_CHECKING:
@@ -98,6 +99,13 @@ def without_local_constants() -> None:
         providers.CONSTANTS_CACHE.cache.clear()
 
 
+SHRINK_EXAMPLES_PER_EXAMPLE = 4
+
+
+class _ShrinkBudgetSpent(Exception):
+    """Raised inside Hypothesis's shrinker to stop it: the smallest failure so far is kept."""
+
+
 def hypothesis_search(
     bands: Sequence[SearchStrategy],
     s: Search,
@@ -107,9 +115,13 @@ def hypothesis_search(
 ) -> Search:
     """Try the `explicit` problems, then search each band of strategies in turn with an
     equal share of `examples` (derandomised: every rewrite sees the same problems), steered
-    towards the largest error/bound ratio, until one fails; shrink it, then cut it to its
-    exact first failing length. `s` is filled in."""
+    towards the largest error/bound ratio, until one fails; shrink it (at most
+    SHRINK_EXAMPLES_PER_EXAMPLE x `examples` more evaluations: shrinking a 2049-token
+    problem can take hundreds, and the cut below makes the length exact anyway), then cut
+    it to its exact first failing length. `s` is filled in."""
     without_local_constants()
+    budget = s.examples + len(explicit) + examples * (1 + SHRINK_EXAMPLES_PER_EXAMPLE)
+    smallest: list[AttentionProblem] = []  # the smallest failing problem so far
     start = time.perf_counter()
     opts = settings(
         max_examples=examples,
@@ -121,9 +133,13 @@ def hypothesis_search(
     )
 
     def fails(problem: AttentionProblem) -> bool:
+        if smallest and s.examples >= budget:
+            raise _ShrinkBudgetSpent
         s.examples += 1
         failed = s.failing(problem, refs) is not None
         target(math.log10(s.last_ratio) if 0 < s.last_ratio < math.inf else (300.0 if s.last_ratio else -300.0))
+        if failed and (not smallest or size(problem) < size(smallest[0])):
+            smallest[:] = [problem]
         return failed
 
     for problem in explicit:
@@ -139,6 +155,8 @@ def hypothesis_search(
             s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)))
         except NoSuchExample:
             pass
+        except _ShrinkBudgetSpent:
+            s.failure = smallest[0]
     if s.failure is not None:
         _cut_to_first_failing_length(s, refs)
     s.seconds = time.perf_counter() - start
