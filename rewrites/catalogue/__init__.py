@@ -1,10 +1,21 @@
 """The built-in catalogue, one module per family. Each rewrite is written as a user would
 write it: a plain function with the oracle's signature, decorated with its claim."""
 
-from rewrites.catalogue import heads, kv_cache, last_token, masks, mutants, projections, scale, softmax
+from rewrites.catalogue import (
+    heads,
+    kv_cache,
+    last_token,
+    length_mutants,
+    masks,
+    mutants,
+    projections,
+    scale,
+    softmax,
+    tiles,
+)
 from rewrites.registry import Rewrite
 
-FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, mutants)
+FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, tiles, length_mutants, mutants)
 CATALOGUE: tuple[Rewrite, ...] = tuple(
     obj for family in FAMILIES for obj in vars(family).values() if isinstance(obj, Rewrite)
 )
