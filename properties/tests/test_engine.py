@@ -96,8 +96,8 @@ def plain(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 
 def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
-    """Compiling a loop per token at 1024 tokens would take minutes: such a function runs
-    eagerly there, while a fixed-size program is still compiled; short inputs always compile."""
+    """Compiling a loop per token unrolls it (minutes at 1024 tokens): such a function runs
+    eagerly at every length, while a fixed-size program is still compiled."""
     be = backends.get(backend)
     args = lambda n: (be.asarray(np.ones((n, 4)), "float32"), None, None, be.asarray(np.eye(4), "float32"), None, 1)
     if be.traces is None:  # eager backends: nothing to decide
@@ -105,4 +105,5 @@ def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
         return
     assert be.runner(per_token, args(1024), (5,)) is per_token
     assert be.runner(plain, args(1024), (5,)) is not plain
-    assert be.runner(per_token, args(8), (5,)) is not per_token
+    assert be.runner(per_token, args(8), (5,)) is per_token
+    assert be.runner(plain, args(8), (5,)) is not plain

@@ -78,13 +78,13 @@ def ring_decode(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, capacity: int
 
 @rewrite(family="tiles", claim="equivalent")
 def flash_tiled_block64(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """FlashAttention-2 forward with 64x64 tiles: online softmax across key tiles, future tiles skipped."""
+    """FlashAttention-2 forward, key tiles of 64 in order with an online softmax, future tiles skipped."""
     return _flash(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, block=64)
 
 
 @rewrite(family="tiles", claim="equivalent")
 def flash_tiled_block128(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """FlashAttention-2 forward with 128x128 tiles: online softmax across key tiles, future tiles skipped."""
+    """FlashAttention-2 forward, key tiles of 128 in order with an online softmax, future tiles skipped."""
     return _flash(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, block=128)
 
 
