@@ -127,6 +127,7 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 #: Families whose behaviour changes with length: pytest searches them as `verify` does, to
 #: n_seq 2049 and real layers at 1024; the others get the quick profile (short shapes).
 LENGTH_FAMILIES = ("tiles", "length_mutant")
+LENGTH_EXAMPLES = 16
 
 
 @pytest.fixture(scope="session")
@@ -134,10 +135,10 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
     """family -> the Verifier for it (the full profile for LENGTH_FAMILIES, else the quick one)."""
     from rewrites.verify import CLAIM_DTYPES, Config, Verifier, inputs
 
-    def make(profile) -> Verifier:
+    def make(profile, examples: int) -> Verifier:
         return Verifier(
             Config(
-                examples=pytestconfig.getoption("examples"),
+                examples=examples,
                 gpt2_weights=pytestconfig.getoption("gpt2_weights"),
                 report_dir=tmp_path_factory.mktemp("report"),
                 dtypes=CLAIM_DTYPES,
@@ -146,7 +147,10 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
             )
         )
 
-    full, quick = make(inputs.FULL), make(inputs.QUICK)
+    examples = pytestconfig.getoption("examples")
+    # At long lengths JAX compiles once per shape: CI's profile gives the length families
+    # LENGTH_EXAMPLES a search (8 per length band; every length mutant is found by its 10th).
+    full, quick = make(inputs.FULL, min(examples, LENGTH_EXAMPLES)), make(inputs.QUICK, examples)
     return lambda family: full if family in LENGTH_FAMILIES else quick
 
 

@@ -19,9 +19,6 @@ from typing import Any
 import numpy as np
 
 NAMES = ("numpy", "jax", "torch")
-#: Past this n_seq a loop per tile runs eagerly (a loop per token always does): at n_seq 1024
-#: a loop per token traces to ~30,000 equations (7 s to trace, minutes to compile).
-EAGER_AFTER = 64
 _GROWS: dict[tuple, Growth] = {}  # (fn, shapes but n_seq, dtype) -> does its trace grow with n_seq
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -31,7 +28,6 @@ class Growth(Enum):
 
     NONE = "fixed size"
     PER_TOKEN = "a loop per token"
-    PER_TILE = "a loop per tile"
 
 
 class BackendUnavailable(RuntimeError):
@@ -56,32 +52,28 @@ class Backend:
     abstract: Callable[[tuple[int, ...], Any], Any] | None = field(default=None, repr=False)  # shape-only array
 
     def runner(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> Callable:
-        """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except when
-        fn's traced program grows with n_seq, which compiling would unroll: a Python loop
-        per token runs eagerly at every length (unrolled, 32 tokens already took 30 s to
-        compile), a loop per tile of 16 or more past EAGER_AFTER tokens. The decision is the
-        backend's, for built-ins and plugins alike, and never pads: fn sees the real n_seq."""
+        """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except a
+        function whose traced program grows per token (a Python loop over positions), which
+        compiling would unroll (32 tokens already took 30 s to compile, 1024 minutes): it
+        runs eagerly. A loop per tile is compiled: it unrolls only n_seq / tile times, and
+        eagerly every tile's new shape would compile each primitive anew (7,504 primitive
+        compilations for one search of 64-token tiles). The decision is the backend's, for
+        built-ins and plugins alike, and never pads: fn sees the real n_seq."""
         if self.traces is None:
             return fn
-        grows = self._growth(fn, args, static)
-        if grows is Growth.PER_TOKEN or (grows is Growth.PER_TILE and args[0].shape[-2] > EAGER_AFTER):
-            return fn
-        return self.compile(fn, static)
+        return fn if self._growth(fn, args, static) is Growth.PER_TOKEN else self.compile(fn, static)
 
     def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> Growth:
-        """How fn's traced program grows with n_seq: per token (longer from 8 to 16 tokens),
-        per tile (only from 136 to 272), or not at all. A few cheap traces (no compilation), once
-        per function and shape, instead of one at the real length (7 s for a loop per token
-        at 1024)."""
+        """Whether fn's traced program grows per token (longer at 16 tokens than at 8): two
+        cheap traces (no compilation), once per function and shape, instead of one at the
+        real length (7 s for a loop per token at 1024)."""
         x = args[0]
         key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), tuple(getattr(a, "shape", a) for a in args[1:]))
         if key not in _GROWS:
             size = lambda n: self.traces(
                 fn, self.abstract((*x.shape[:-2], n, x.shape[-1]), x.dtype), *args[1:], static=static
             )
-            _GROWS[key] = (
-                Growth.PER_TOKEN if size(8) < size(16) else Growth.PER_TILE if size(136) < size(272) else Growth.NONE
-            )
+            _GROWS[key] = Growth.PER_TOKEN if size(8) < size(16) else Growth.NONE
         return _GROWS[key]
 
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:
