@@ -107,3 +107,13 @@ def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
     assert be.runner(plain, args(1024), (5,)) is not plain
     assert be.runner(per_token, args(8), (5,)) is per_token
     assert be.runner(plain, args(8), (5,)) is not plain
+
+
+def test_result_round_trips_through_json():
+    """verdicts.json is read back (bench, pytest-xdist): every field survives, typed."""
+    from rewrites.verify import Counterexample, Result
+
+    r = Result("rw", "fam", "numpy", "float32", Inputs.GPT2, Verdict.EQUIVALENT, Verdict.INEQUIVALENT, 1.5,
+               float("inf"), 7, Counterexample("m", first_fails_at=301), witness="float64")  # fmt: skip
+    back = Result.from_json(r.to_json())
+    assert back == r and back.verdict is Verdict.INEQUIVALENT and back.counterexample.first_fails_at == 301

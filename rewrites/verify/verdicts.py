@@ -92,13 +92,13 @@ class Result:
         d = {k: v for k, v in d.items() if k in known}
         num = {k: None if d[k] is None else float(d[k]) for k in ("max_abs_error", "max_error_over_bound")}
         ce = d.get("counterexample")
-        return cls(
-            **{**d, **num},
-            inputs=Inputs(d["inputs"]),
-            claim=None if d["claim"] is None else Verdict(d["claim"]),
-            verdict=Verdict(d["verdict"]),
-            counterexample=None if ce is None else Counterexample(**ce),
-        )
+        typed = {
+            "inputs": Inputs(d["inputs"]),
+            "claim": None if d["claim"] is None else Verdict(d["claim"]),
+            "verdict": Verdict(d["verdict"]),
+            "counterexample": None if ce is None else Counterexample(**ce),
+        }
+        return cls(**{**d, **num, **typed})
 
 
 def claim_holds(
