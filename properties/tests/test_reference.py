@@ -118,10 +118,12 @@ np.save({str(tmp_path / "got.npy")!r}, np.stack([ref.out, ref.tolerance]))
 
 
 def test_small_problems_stay_off_the_disk(disk, monkeypatch):
-    monkeypatch.setattr(cache, "DISK_MIN_ELEMENTS", 33)
-    cache.reference(small_problem(n_seq=4), "numpy", "float32")  # 32 outputs
+    # size: inputs plus scores, 4 x 8 + 2 heads x 4^2 = 64 at 4 tokens, 40 + 2 x 5^2 = 90 at 5
+    assert cache.size(small_problem(n_seq=4)) == 64 and cache.size(small_problem(n_seq=5)) == 90
+    monkeypatch.setattr(cache, "DISK_MIN_ELEMENTS", 65)
+    cache.reference(small_problem(n_seq=4), "numpy", "float32")
     assert files(disk) == []
-    cache.reference(small_problem(n_seq=5), "numpy", "float32")  # 40 outputs
+    cache.reference(small_problem(n_seq=5), "numpy", "float32")
     assert len(files(disk)) == 1
 
 
