@@ -135,7 +135,7 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
     """family -> the Verifier for it (the full profile for LENGTH_FAMILIES, else the quick one)."""
     from rewrites.verify import CLAIM_DTYPES, Config, Verifier, inputs
 
-    def make(profile, examples: int) -> Verifier:
+    def make(profile, examples: int, explicit: bool) -> Verifier:
         return Verifier(
             Config(
                 examples=examples,
@@ -143,14 +143,16 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
                 report_dir=tmp_path_factory.mktemp("report"),
                 dtypes=CLAIM_DTYPES,
                 profile=profile,
-                explicit_examples=False,  # faults must be found by the search itself
+                explicit_examples=explicit,
             )
         )
 
     examples = pytestconfig.getoption("examples")
     # At long lengths JAX compiles once per shape: CI's profile gives the length families
     # LENGTH_EXAMPLES a search (8 per length band; every length mutant is found by its 10th).
-    full, quick = make(inputs.FULL, min(examples, LENGTH_EXAMPLES)), make(inputs.QUICK, examples)
+    # The length families get no explicit examples: their faults must be found by the search.
+    full = make(inputs.FULL, min(examples, LENGTH_EXAMPLES), explicit=False)
+    quick = make(inputs.QUICK, examples, explicit=True)
     return lambda family: full if family in LENGTH_FAMILIES else quick
 
 

@@ -50,16 +50,17 @@ class Verifier:
     refs: References = field(default_factory=References)
     throughput: list[Throughput] = field(default_factory=list)
     _gpt2: inputs.RealLayers | None = field(default=None, init=False)
-    _known_hard: list[AttentionProblem] | None = field(default=None, init=False)
+    _known_hard: dict[Stage, list[AttentionProblem]] = field(default_factory=dict, init=False)
     _written: set[Path] = field(default_factory=set, init=False)  # one float64 failure stands for every dtype
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
-        if self._known_hard is None:
-            self._known_hard = inputs.known_hard() if self.config.explicit_examples else []
+        if not self._known_hard:
+            on = self.config.explicit_examples
+            self._known_hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
 
         def run(strategy, dtype: str, stage: Stage) -> Search:
             s = Search(rw, backend, dtype, stage)
-            return hypothesis_search(strategy, s, self.refs, self.config.examples, self._known_hard)
+            return hypothesis_search(strategy, s, self.refs, self.config.examples, self._known_hard[stage])
 
         return self._results(
             rw,
