@@ -50,6 +50,11 @@ class Backend:
     #: compiling it would unroll the loop; see `unrolls`
     traces: Callable[..., int] | None = field(default=None, repr=False)
     abstract: Callable[[tuple[int, ...], Any], Any] | None = field(default=None, repr=False)  # shape-only array
+    #: The tokens a per-token loop runs on here (None: all of them). Eagerly, JAX compiles
+    #: every primitive anew for each new shape, and a loop's cache grows a token a step:
+    #: 0.5 s a token (a 256-token decode took 88 s, 1025 tokens over 600 s). So such a loop
+    #: runs on each problem's first `loop_tokens` tokens, and its verdicts say so.
+    loop_tokens: int | None = None
 
     def runner(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> Callable:
         """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except a
@@ -61,7 +66,11 @@ class Backend:
         built-ins and plugins alike, and never pads: fn sees the real n_seq."""
         if self.traces is None:
             return fn
-        return fn if self._growth(fn, args, static) is Growth.PER_TOKEN else self.compile(fn, static)
+        return fn if self.grows_per_token(fn, args, static) else self.compile(fn, static)
+
+    def grows_per_token(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> bool:
+        """Whether compiling fn would unroll a loop per token (False where nothing compiles)."""
+        return self.traces is not None and self._growth(fn, args, static) is Growth.PER_TOKEN
 
     def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> Growth:
         """Whether fn's traced program grows per token (longer at 16 tokens than at 8): two
@@ -138,6 +147,7 @@ def _jax() -> Backend:
         compilations=lambda: count[0],
         traces=traces,
         abstract=jax.ShapeDtypeStruct,
+        loop_tokens=32,
     )
 
 

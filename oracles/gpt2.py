@@ -261,9 +261,8 @@ def locate(path: str | Path | None = None) -> Path:
     for place in candidates():
         if place.is_file() or (place.is_dir() and any(place.glob("*.safetensors"))):
             return place
-    raise WeightsError(
-        f"GPT-2 weights not found: set {ENV_VAR} or pass a path (looked in {', '.join(map(str, candidates()))})"
-    )
+    looked = dict.fromkeys(str(p.resolve()) for p in candidates())  # ../shared from the project and the cwd: often one
+    raise WeightsError(f"GPT-2 weights not found: set {ENV_VAR} or pass a path (looked in {', '.join(looked)})")
 
 
 @cache

@@ -1,16 +1,43 @@
-"""The command line: `attention-rewrites verify|list|replay|oracles|bench|decode|generate` (or `python -m rewrites`)."""
+"""The command line: `attention-rewrites verify|list|replay|oracles|bench|decode|generate` (or `python -m rewrites`).
+
+Exit status: 0 every claim holds, 1 a claim is contradicted, 2 a bad argument or input
+file (one line naming it, before any work), 3 the tool itself failed, 130 interrupted."""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import tempfile
+import threading
 import time
+import traceback
+import zipfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from oracles import backends, gpt2
 from rewrites.report import markdown_table
+
+if TYPE_CHECKING:
+    from rewrites.registry import Rewrite
+    from rewrites.verify import Config
+    from rewrites.verify.workers import Done
+
+OK, CONTRADICTED, USAGE, FAILED, INTERRUPTED = 0, 1, 2, 3, 130
+
+
+class UsageError(Exception):
+    """A bad argument or input file: one line naming it, exit status 2."""
+
+
+class ToolFailed(RuntimeError):
+    """This tool broke (not the user's input, not a rewrite): exit status 3."""
 
 
 def progress(msg: str) -> None:
@@ -58,55 +85,190 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """Verify the catalogue and plugins on every installed backend; write the report."""
-    from dataclasses import asdict
-    from pathlib import Path
-
-    from rewrites import report
+    """Verify the catalogue and plugins on every installed backend; write the report as it goes."""
     from rewrites.registry import catalogue
-    from rewrites.verify import Config, Verifier, workers
+    from rewrites.verify import Config
 
-    names = args.backend or backends.available()
-    for name in set(backends.NAMES) - set(names):
-        if not args.backend:
-            progress(f"skipping {name}: {backends.unavailable_reason(name)}")
-    rewrites = catalogue(include_plugins=not args.no_plugins, names=args.rewrite or ())
-    cfg = Config(
-        examples=args.examples,
-        gpt2_n_seq=args.gpt2_n_seq,
-        gpt2_weights=args.gpt2_weights,
-        report_dir=Path(args.report),
-        dtypes=tuple(args.dtype or backends.DTYPES),
-    )
-    verifier = Verifier(cfg, progress)
-    start = time.perf_counter()
-    progress(f"verifying {len(rewrites)} rewrites on {', '.join(names)} ({args.examples} examples a search)")
-    compiled = workers.compilations(names)
-    results = verifier.verify(rewrites, names, gpt2_inputs=not args.no_gpt2, jobs=args.jobs)
-    elapsed = time.perf_counter() - start
+    names = _backends(args)
+    rewrites = catalogue(include_plugins=not args.no_plugins, names=list(dict.fromkeys(args.rewrite or ())))
+    dtypes = tuple(dict.fromkeys(args.dtype or backends.DTYPES))
+    if not any(d in backends.get(b).dtypes for b in names for d in dtypes):
+        raise UsageError(f"argument --dtype: {', '.join(names)} computes in none of {', '.join(dtypes)}")
+    gpt2_inputs, not_run = _real_layers(args)
+    folder = writable_folder(args.report, "--report")
+    cfg = Config(examples=args.examples, gpt2_n_seq=args.gpt2_n_seq, gpt2_weights=args.gpt2_weights,
+                 report_dir=folder, dtypes=dtypes)  # fmt: skip
     meta = {
         "backends": names,
         "examples": args.examples,
-        "gpt2_n_seq": None if args.no_gpt2 else args.gpt2_n_seq,
-        "seconds": round(elapsed, 1),
+        "gpt2_n_seq": args.gpt2_n_seq if gpt2_inputs else None,
+        "gpt2_layers": not_run,
         "rewrites": len(rewrites),
-        "compilations": workers.compilations(names) - compiled + workers.COMPILATIONS[0],
-        "throughput": [asdict(t) for t in verifier.throughput],
+        "jobs": args.jobs,
+        "timeout_s": args.timeout,
     }
-    report.write(results, cfg.report_dir, meta)
+    return _run_verify(args, cfg, rewrites, names, gpt2_inputs, meta)
+
+
+def _backends(args: argparse.Namespace) -> list[str]:
+    """The backends to run on; a named one that cannot load is a usage error (exit 2)."""
+    if args.backend:
+        names = list(dict.fromkeys(args.backend))
+        for name in names:
+            backends.get(name)
+        return names
+    for name in backends.NAMES:
+        if backends.unavailable_reason(name):
+            progress(f"skipping {name}: {backends.unavailable_reason(name)}")
+    return backends.available()
+
+
+def _real_layers(args: argparse.Namespace) -> tuple[bool, str | None]:
+    """(run the real layers?, why not, for the report), decided before any work: weights
+    asked for (option or $GPT2_WEIGHTS) must be usable; weights merely absent are skipped."""
+    if args.no_gpt2:
+        return False, "not run (--no-gpt2)"
+    explicit = args.gpt2_weights or os.environ.get(gpt2.ENV_VAR)
+    try:
+        weights = gpt2.read(gpt2.locate(args.gpt2_weights))  # read, not load: the workers load their own
+    except gpt2.WeightsError as e:
+        if explicit:
+            raise UsageError(f"argument --gpt2-weights (or ${gpt2.ENV_VAR}): {e}") from None
+        return False, f"not run: {e}"
+    if args.gpt2_n_seq is not None and args.gpt2_n_seq > weights.config.n_ctx:
+        raise UsageError(f"argument --gpt2-n-seq: {args.gpt2_n_seq} is beyond GPT-2's context ({weights.config.n_ctx})")
+    return True, None
+
+
+def writable_folder(path: str, option: str) -> Path:
+    """The folder, created and tried with a file, so that a report that cannot be written
+    fails now with one line, not after the work."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"argument {option}: {path} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UsageError(f"argument {option}: cannot write to {path} ({e.strerror or e})") from None
+    return folder
+
+
+def _run_verify(
+    args: argparse.Namespace, cfg: Config, rewrites: list[Rewrite], names: list[str], gpt2_inputs: bool, meta: dict
+) -> int:
+    """The work: tasks to the worker pool, each task's verdicts written down as it arrives."""
+    from rewrites import report
+    from rewrites.verify import workers
+
+    work = workers.tasks(rewrites, names)
+    rank = {rw.identity: i for i, rw in enumerate(rewrites)}
+    order = lambda r: (rank[(r.source, r.rewrite)], names.index(r.backend))  # catalogue order, not arrival
+    stream = report.Stream(cfg.report_dir, meta, len(work), order)
+    progress(f"verifying {len(rewrites)} rewrites on {', '.join(names)} ({args.examples} examples a search)")
+    run = _Run(time.perf_counter(), meta)
+    jobs = None
+    try:
+        with _sigterm_interrupts():
+            jobs = workers.stream(cfg, work, gpt2_inputs, args.jobs, args.timeout, not args.no_plugins)
+            for k, done in enumerate(jobs, 1):
+                stream.add(done.results)
+                run.add(done)
+                progress(_task_line(k, len(work), done, run.start))
+    except KeyboardInterrupt:
+        with _sigint_ignored():  # a second Ctrl-C must not cut the report short
+            if jobs is not None:
+                jobs.close()
+            stream.finish(run.meta(), interrupted="interrupted")
+        where = cfg.report_dir / report.JSONL
+        progress(f"interrupted: {stream.done} of {len(work)} rewrite x backend runs done; verdicts in {where}")
+        return INTERRUPTED
+    except Exception as e:
+        if jobs is not None:
+            jobs.close()
+        stream.finish(run.meta(), interrupted=f"stopped by a failure of this tool ({type(e).__name__})")
+        raise ToolFailed(f"verification stopped: {type(e).__name__}: {e}") from e
+    results = stream.finish(run.meta())
     print(report.summary(results))
-    print(report.throughput_summary(meta))
-    print(f"\nreport written to {cfg.report_dir}/ (verdicts.json, verdicts.md, index.html) in {elapsed:.0f}s")
-    return 1 if report.contradictions(results) else 0
+    print(report.throughput_summary(run.meta()))
+    print(f"\nreport written to {cfg.report_dir}/ (verdicts.json, verdicts.jsonl, verdicts.md, index.html)")
+    if meta["gpt2_layers"] and not args.no_gpt2:
+        progress(f"real-layer verdicts {meta['gpt2_layers']}; pass --gpt2-weights FILE to run them")
+    if run.broken:
+        progress(f"the verifier itself failed on {run.broken} rewrite x backend run(s); tracebacks above")
+        return FAILED
+    return CONTRADICTED if report.contradictions(results) else OK
+
+
+class _Run:
+    """What the run's meta needs beyond the verdicts: time, throughput, compilations, failures."""
+
+    def __init__(self, start: float, meta: dict) -> None:
+        self.start, self.base = start, meta
+        self.throughput: list = []
+        self.compilations = self.broken = 0
+
+    def add(self, done: Done) -> None:
+        self.throughput += done.throughput
+        self.compilations += done.compilations
+        if done.internal:
+            self.broken += 1
+            print(done.internal, file=sys.stderr, end="")
+
+    def meta(self) -> dict:
+        seconds = round(time.perf_counter() - self.start, 1)
+        throughput = [t.__dict__ for t in self.throughput]
+        return {**self.base, "seconds": seconds, "compilations": self.compilations, "throughput": throughput}
+
+
+def _task_line(k: int, n: int, done: Done, start: float) -> str:
+    """One line of progress for a finished rewrite x backend."""
+    errors = [r.counterexample.message for r in done.results if r.verdict == "error" and r.counterexample]
+    bad = sorted({r.dtype for r in done.results if not r.claim_holds})
+    if done.internal:
+        status = "the verifier failed (traceback above)"
+    elif errors:
+        said = errors[0].removeprefix(f"{done.task.rewrite.name} on {done.task.backend}: ").removeprefix("error: ")
+        status = f"error: {said}"
+    else:
+        status = f"claim contradicted in {', '.join(bad)}" if bad else "ok"
+    return f"[{k}/{n}] {done.task.rewrite.name} on {done.task.backend}: {status} ({time.perf_counter() - start:.0f}s)"
+
+
+@contextmanager
+def _handling(signum: int, handler: Callable | int) -> Iterator[None]:
+    """`handler` for `signum` inside the block (signals belong to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signum, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signum, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _sigterm_interrupts() -> AbstractContextManager[None]:
+    """SIGTERM (a killed job, a CI timeout) ends the run as Ctrl-C does: with a partial report."""
+    return _handling(signal.SIGTERM, _interrupt)
+
+
+def _sigint_ignored() -> AbstractContextManager[None]:
+    return _handling(signal.SIGINT, signal.SIG_IGN)
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Re-run a saved counterexample and show the error against the bound."""
     from rewrites.registry import catalogue
-    from rewrites.verify import RewriteFailed, load_counterexample, run_rewrite
+    from rewrites.verify import RewriteFailed, run_rewrite
     from rewrites.verify.execute import References, judge, output_rows
 
-    problem, meta = load_counterexample(args.file, args.gpt2_weights)
+    problem, meta = _counterexample(args)
     rw = catalogue(names=[args.rewrite or meta["rewrite"]])[0]
     backend, dtype = (args.backend or [meta["backend"]])[0], (args.dtype or [meta["dtype"]])[0]
     print(problem.describe())
@@ -123,6 +285,30 @@ def cmd_replay(args: argparse.Namespace) -> int:
     if out.size <= 64:
         print(f"rewrite = {np.array2string(out, precision=4)}\ntruth   = {np.array2string(truth.out[sl], precision=4)}")
     return 0 if ratio <= 1 else 1
+
+
+def _counterexample(args: argparse.Namespace) -> tuple:
+    """(problem, metadata) of a counterexample file, or one line saying what is wrong with it."""
+    from rewrites.verify import load_counterexample
+
+    file, path = args.file, Path(args.file)
+    if not path.exists():
+        raise UsageError(f"replay: {file}: no such file")
+    if path.is_dir():
+        raise UsageError(f"replay: {file} is a folder, not a counterexample file (.npz)")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(f"replay: {file} is not a counterexample file (not an .npz archive)")
+    try:
+        problem, meta = load_counterexample(path, args.gpt2_weights)
+    except gpt2.WeightsError:
+        raise
+    except Exception as e:  # NumPy reports a foreign file in many ways
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"replay: {file} is not a counterexample file ({why})") from None
+    missing = [k for k in ("rewrite", "backend", "dtype") if k not in meta and not getattr(args, k)]
+    if missing:
+        raise UsageError(f"replay: {file} records no {', '.join(missing)}; is it from report/counterexamples/?")
+    return problem, meta
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -217,8 +403,34 @@ def cmd_synthetic_checkpoint(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the usage is a screenful): exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(USAGE, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
+def _at_least(low: float, kind: type) -> Callable[[str], float]:
+    """An argparse type: a number of `kind` no smaller than `low`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {'whole ' if kind is int else ''}number") from None
+        if not value >= low:  # NaN too
+            raise argparse.ArgumentTypeError(f"must be at least {low:g}, got {text}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="attention-rewrites", description=__doc__)
+    from rewrites.verify.workers import DEFAULT_TIMEOUT
+
+    parser = _Parser(
+        prog="attention-rewrites", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
@@ -228,23 +440,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("oracles", help="oracle-vs-truth table on the real GPT-2 layers")
     common(p)
-    p.add_argument("--n-seq", type=int, default=1024, help="tokens (default 1024, the full context)")
+    p.add_argument("--n-seq", type=_at_least(1, int), default=1024, help="tokens (default 1024, the full context)")
     p.set_defaults(run=cmd_oracles)
 
     p = sub.add_parser("verify", help="verdict for every rewrite x backend x dtype; writes the report")
     common(p)
     p.add_argument("--rewrite", action="append", help="only this rewrite (repeatable)")
     p.add_argument("--report", default="report", help="report folder (default report/)")
-    p.add_argument("--examples", type=int, default=30, help="Hypothesis examples per search (default 30)")
+    p.add_argument("--examples", type=_at_least(1, int), default=30, help="Hypothesis examples per search (default 30)")
     p.add_argument(
         "--gpt2-n-seq",
-        type=int,
+        type=_at_least(1, int),
         default=None,
         help="every real layer at this length alone (default: the plan, up to 1024)",
     )
     p.add_argument("--no-gpt2", action="store_true", help="skip the real GPT-2 layers")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
+    p.add_argument(
+        "--jobs",
+        type=_at_least(1, int),
+        default=min(2, os.cpu_count() or 1),
+        help="worker processes; every rewrite x backend runs in one, apart from the run (default 2)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_at_least(1, float),
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds one rewrite may take on one backend before it is stopped and judged error "
+        f"(default {DEFAULT_TIMEOUT:g})",
+    )
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("bench", help="benchmarks: the O(N) last-token claim, KV-cache steps, GFLOP/s")
@@ -259,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("decode", help="KV-cache decoding through the real attention path: error growth")
     common(p)
-    p.add_argument("--n-seq", type=int, default=256, help="tokens (default 256)")
+    p.add_argument("--n-seq", type=_at_least(1, int), default=256, help="tokens (default 256)")
     p.add_argument("--report", default="report", help="report folder (default report/)")
     p.set_defaults(run=cmd_decode)
 
@@ -289,9 +513,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run a command; the exit status is the module doc's."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # -h (0), or a bad argument already said in one line (2)
+        return e.code if isinstance(e.code, int) else USAGE
     try:
         return args.run(args)
-    except (gpt2.WeightsError, backends.BackendUnavailable, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except (UsageError, gpt2.WeightsError, backends.BackendUnavailable, ValueError) as e:
+        print(f"error: {(str(e).strip().splitlines() or [type(e).__name__])[0]}", file=sys.stderr)
+        return USAGE
+    except Exception as e:
+        traceback.print_exc()
+        print(f"attention-rewrites failed ({type(e).__name__}): a bug of this tool, please report it", file=sys.stderr)
+        return FAILED

@@ -12,11 +12,18 @@ JAX and PyTorch. A plugin package declares
     my_rewrite = "my_package.module:my_rewrite"
 
 where the object is a `Rewrite` (or a list of them).
+
+Names are identities: results, counterexample files and worker look-ups are keyed by them,
+so `catalogue()` makes them unique. The first rewrite to take a name keeps it (built-ins
+come first); a later one of the same name is listed under its qualified name
+`<distribution>:<name>` with an `error` saying whose name it took, and never runs in
+another's place.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -24,6 +31,9 @@ from typing import Literal
 from rewrites.verify.verdicts import CLAIMS, Verdict
 
 ENTRY_POINT_GROUP = "attention_rewrites"
+#: What a plugin's rewrite may be called: names become file names (counterexamples), so no
+#: separators or dots first.
+VALID_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -51,6 +61,11 @@ class Rewrite:
     def implementation(self, backend: str) -> Callable | None:
         return self.backends.get(backend, self.fn)
 
+    @property
+    def identity(self) -> tuple[str, str]:
+        """(source, name): what results are keyed by and what workers look a rewrite up by."""
+        return (self.source, self.name)
+
 
 def rewrite(
     *,
@@ -76,8 +91,13 @@ def builtin() -> list[Rewrite]:
     return list(CATALOGUE)
 
 
+def _distribution(ep: importlib.metadata.EntryPoint) -> str:
+    """The plugin's distribution name, safe inside a file name."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", ep.dist.name if ep.dist else "?")
+
+
 def _from_entry_point(ep: importlib.metadata.EntryPoint) -> list[Rewrite]:
-    dist = ep.dist.name if ep.dist else "?"
+    dist = _distribution(ep)
     source = f"plugin {dist}"
     try:
         obj = ep.load()
@@ -85,10 +105,22 @@ def _from_entry_point(ep: importlib.metadata.EntryPoint) -> list[Rewrite]:
         bad = [i for i in items if not isinstance(i, Rewrite)]
         if bad or not items:
             raise TypeError(f"{ep.value} is {type(bad[0] if bad else obj).__name__}, not a rewrites.Rewrite")
-    except Exception as e:  # a broken plugin is reported, never fatal
+    except (Exception, SystemExit) as e:  # a broken plugin is reported, never fatal (sys.exit on import too)
         msg = f"plugin {ep.name!r} ({ep.value}) failed to load: {type(e).__name__}: {e}"
-        return [Rewrite(ep.name, "could not be loaded", "plugin", None, source=source, load_error=msg)]
-    return [Rewrite(**{**r.__dict__, "source": source}) for r in items]
+        return [Rewrite(_valid(ep.name, dist), "could not be loaded", "plugin", None, source=source, load_error=msg)]
+    return [_checked_name(Rewrite(**{**r.__dict__, "source": source}), dist) for r in items]
+
+
+def _valid(name: str, dist: str) -> str:
+    return name if VALID_NAME.fullmatch(name) else f"{dist}:{re.sub(r'[^A-Za-z0-9_.+-]', '_', name)[:100]}"
+
+
+def _checked_name(r: Rewrite, dist: str) -> Rewrite:
+    """A rewrite whose name could not be a file name keeps a safe one and gets an error."""
+    if VALID_NAME.fullmatch(r.name):
+        return r
+    error = f"name {r.name!r} is not a valid rewrite name (letters, digits and _ . + -, at most 100)"
+    return Rewrite(**{**r.__dict__, "name": _valid(r.name, dist), "load_error": r.load_error or error})
 
 
 def plugins() -> list[Rewrite]:
@@ -100,15 +132,13 @@ def plugins() -> list[Rewrite]:
 
 
 def catalogue(include_plugins: bool = True, names: Iterable[str] = ()) -> list[Rewrite]:
-    """Built-ins then plugins, optionally only those called `names` (unknown names raise)."""
-    everything = builtin() + (plugins() if include_plugins else [])
+    """Built-ins then plugins, each under a unique name (module doc), optionally only those
+    called `names` (unknown names raise)."""
     seen: dict[str, Rewrite] = {}
-    for r in everything:
+    for r in builtin() + (plugins() if include_plugins else []):
         if r.name in seen:
-            r = Rewrite(**{**r.__dict__, "load_error": f"name {r.name!r} is already taken by {seen[r.name].source}"})
-            seen[f"{r.name} ({r.source})"] = r
-        else:
-            seen[r.name] = r
+            r = _renamed(r, seen)
+        seen[r.name] = r
     wanted = list(names)
     if not wanted:
         return list(seen.values())
@@ -116,3 +146,13 @@ def catalogue(include_plugins: bool = True, names: Iterable[str] = ()) -> list[R
     if unknown:
         raise ValueError(f"unknown rewrite {', '.join(map(repr, unknown))}; `attention-rewrites list` shows them")
     return [seen[n] for n in wanted]
+
+
+def _renamed(r: Rewrite, seen: Mapping[str, Rewrite]) -> Rewrite:
+    """`r` under its qualified name, `<distribution>:<name>` (then `#2`, `#3`... if a plugin
+    repeats itself), with an error naming who holds the name: it must not run as the other."""
+    base = f"{r.source.removeprefix('plugin ')}:{r.name}"
+    qualified = next(n for n in (base, *(f"{base}#{k}" for k in range(2, len(seen) + 3))) if n not in seen)
+    holder = seen[r.name].source
+    error = f"name {r.name!r} is already taken by {holder}" + (" (the same plugin)" if holder == r.source else "")
+    return Rewrite(**{**r.__dict__, "name": qualified, "load_error": r.load_error or error})

@@ -1,12 +1,17 @@
-"""Verdict tables for the terminal, and the report folder: verdicts.json, verdicts.md, index.html."""
+"""Verdict tables for the terminal, and the report folder: verdicts.json, verdicts.md,
+index.html, and verdicts.jsonl, the verdicts written one line each as they arrive.
+
+A run writes the report as it goes (`Stream`): an interrupted or killed run leaves every
+verdict it computed in verdicts.jsonl and a report that says it is partial."""
 
 from __future__ import annotations
 
 import html
 import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO, Any
 
 from rewrites.verify import LEGEND, Inputs, Result, Verdict
 
@@ -32,12 +37,17 @@ def matrix(results: Sequence[Result], inputs: Inputs) -> tuple[list[str], list[l
         row = [r.rewrite, r.family, r.claim or "-"]
         for b, d in cols:
             c = cells.get((r.rewrite, b, d))
-            row.append("" if c is None else c.verdict.symbol + ("" if c.claim_holds else "!"))
+            row.append("" if c is None else cell(c))
         rows.append(row)
     header = ["rewrite", "family", "claim"] + [
         f"{b[:5]} {d.replace('float', 'f').replace('bf', 'bf')}" for b, d in cols
     ]
     return header, rows
+
+
+def cell(r: Result) -> str:
+    """The verdict's symbol, `<=N` if problems were cut to N tokens, `!` if it contradicts the claim."""
+    return r.verdict.symbol + (f"<={r.cut_to}" if r.cut_to else "") + ("" if r.claim_holds else "!")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -104,16 +114,29 @@ def throughput_summary(meta: dict) -> str:
     return f"verification throughput (median examples/s per rewrite): {rates}; compilations (JAX): {compiles}"
 
 
+def headline(meta: dict) -> str:
+    """What a reader must know before the tables: a partial run, real layers not run."""
+    lines = []
+    if meta.get("partial"):
+        lines.append(f"PARTIAL REPORT: {meta['partial']}; the verdicts below are the ones that arrived.")
+    if meta.get("gpt2_layers"):
+        lines.append(f"Real GPT-2 layer verdicts: {meta['gpt2_layers']}.")
+    return "\n\n".join(lines)
+
+
 def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "verdicts.json").write_text(
         json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1)
     )
-    md = (
-        f"# Verdicts\n\n{summary(results)}\n\n{throughput_summary(meta)}\n\n"
-        f"## Counterexamples found\n\n{mutant_table(results)}\n"
-    )
-    (directory / "verdicts.md").write_text(md)
+    parts = [
+        f"# Verdicts{' (partial)' if meta.get('partial') else ''}",
+        headline(meta),
+        summary(results),
+        throughput_summary(meta),
+        f"## Counterexamples found\n\n{mutant_table(results)}",
+    ]
+    (directory / "verdicts.md").write_text("\n\n".join(p for p in parts if p) + "\n")
     index = directory / "index.html"
     kept = index.read_text().split(BENCH_MARK) if index.exists() else []
     page = _html(results, meta)
@@ -122,9 +145,67 @@ def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
     index.write_text(page)
 
 
+JSONL = "verdicts.jsonl"
+
+
+class Stream:
+    """The report of a run in progress. Each task's verdicts are appended to verdicts.jsonl
+    (flushed: a killed run keeps them) and the report files are rewritten, marked partial,
+    until `finish`. `order` sorts results (catalogue order, not arrival order)."""
+
+    def __init__(self, directory: Path, meta: dict, expected: int, order: Callable[[Result], Any]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory, self.meta, self.expected, self.order = directory, meta, expected, order
+        self.results: list[Result] = []
+        self.done = 0
+        self.file: IO[str] = (directory / JSONL).open("w")
+        self._write_partial("running")
+
+    def add(self, results: Sequence[Result]) -> None:
+        """One finished task's verdicts."""
+        self.file.writelines(json.dumps(r.to_json()) + "\n" for r in results)
+        self.file.flush()
+        self.results += results
+        self.done += 1
+        self._write_partial("running")
+
+    def sorted(self) -> list[Result]:
+        return sorted(self.results, key=self.order)
+
+    def finish(self, meta: dict, interrupted: str | None = None) -> list[Result]:
+        """Write the final report: complete, or partial saying why (`interrupted`)."""
+        self.file.close()
+        self.meta = meta
+        if interrupted:
+            self._write_partial(interrupted)
+        else:
+            write(self.sorted(), self.directory, meta)
+        return self.sorted()
+
+    def _write_partial(self, why: str) -> None:
+        state = f"{why}, {self.done} of {self.expected} rewrite x backend runs done"
+        write(self.sorted(), self.directory, {**self.meta, "partial": state})
+
+
+def read_jsonl(path: Path) -> list[Result]:
+    """The verdicts of verdicts.jsonl; a last line cut short by a killed run is skipped."""
+    lines = Path(path).read_text().splitlines()
+    results = []
+    for i, line in enumerate(lines):
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        results.append(Result.from_json(d))
+    return results
+
+
 def _html(results: Sequence[Result], meta: dict) -> str:
     colours = {"B": "#b7e1cd", "E": "#d9ead3", "U": "#fce8b2", "I": "#f4c7c3", "X": "#c9c9c9"}
-    body = [f"<h1>attention-rewrites verdicts</h1><p>{html.escape(json.dumps(meta))}</p><p>{LEGEND}</p>"]
+    top = "".join(f"<p><b>{html.escape(line)}</b></p>" for line in headline(meta).split("\n\n") if line)
+    body = [f"<h1>attention-rewrites verdicts</h1>{top}<p>{html.escape(json.dumps(meta))}</p><p>{LEGEND}</p>"]
     for inputs in Inputs:
         header, rows = matrix(results, inputs)
         if not rows:

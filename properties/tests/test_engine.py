@@ -11,7 +11,7 @@ from oracles.problem import AttentionProblem
 from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
 from rewrites.registry import rewrite
 from rewrites.verify import Inputs, Verdict
-from rewrites.verify.execute import References
+from rewrites.verify.execute import References, reach
 from rewrites.verify.search import Search, Stage, sweep
 from rewrites.verify.verdicts import claim_holds
 
@@ -79,6 +79,18 @@ def test_claim_rule_details():
     assert claim_holds(Verdict.EQUIVALENT, Verdict.UNSTABLE, Inputs.HYPOTHESIS, "float16")
 
 
+def test_claim_rule_on_problems_cut_short():
+    """A search on problems cut to their first N tokens (a per-token loop where eager steps
+    compile per shape) cannot refute an existence claim, whose failure may need more tokens,
+    but its failures still contradict a universal claim."""
+    cut = dict(witness=None, cut_to=32)
+    assert claim_holds(Verdict.INEQUIVALENT, Verdict.EQUIVALENT, Inputs.HYPOTHESIS, "float32", **cut)
+    assert claim_holds(Verdict.UNSTABLE, Verdict.BITWISE, Inputs.HYPOTHESIS, "float64", **cut)
+    assert claim_holds(Verdict.INEQUIVALENT, Verdict.INEQUIVALENT, Inputs.HYPOTHESIS, "float32", **cut)
+    assert not claim_holds(Verdict.EQUIVALENT, Verdict.INEQUIVALENT, Inputs.HYPOTHESIS, "float32", **cut)
+    assert not claim_holds(Verdict.INEQUIVALENT, Verdict.ERROR, Inputs.HYPOTHESIS, "float32", **cut)
+
+
 def test_verdict_vocabulary():
     assert [v.symbol for v in Verdict] == ["B", "E", "U", "I", "X"]
     assert Verdict("equivalent") is Verdict.EQUIVALENT and Verdict.EQUIVALENT == "equivalent"
@@ -109,11 +121,24 @@ def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
     assert be.runner(plain, args(8), (5,)) is not plain
 
 
+def test_only_per_token_loops_are_cut_and_only_where_the_backend_says(backend):
+    """`reach`: a loop per token runs on the first Backend.loop_tokens tokens where the
+    backend sets them; a fixed-size program, and every program elsewhere, sees them all."""
+    be, p = backends.get(backend), _dense(45)
+    loop = rewrite(family="test", claim="equivalent", name="per_token_loop")(per_token)
+    fixed = rewrite(family="test", claim="equivalent", name="fixed_program")(plain)
+    assert reach(fixed, backend, "float32", p) is p
+    assert reach(loop, backend, "float32", p.prefix(8)).n_seq == 8  # short problems are never cut
+    cut = reach(loop, backend, "float32", p)
+    assert cut.n_seq == (be.loop_tokens or 45)
+    np.testing.assert_array_equal(cut.x, p.x[: cut.n_seq])
+
+
 def test_result_round_trips_through_json():
     """verdicts.json is read back (bench, pytest-xdist): every field survives, typed."""
     from rewrites.verify import Counterexample, Result
 
     r = Result("rw", "fam", "numpy", "float32", Inputs.GPT2, Verdict.EQUIVALENT, Verdict.INEQUIVALENT, 1.5,
-               float("inf"), 7, Counterexample("m", first_fails_at=301), witness="float64")  # fmt: skip
+               float("inf"), 7, Counterexample("m", first_fails_at=301), witness="float64", cut_to=32)  # fmt: skip
     back = Result.from_json(r.to_json())
     assert back == r and back.verdict is Verdict.INEQUIVALENT and back.counterexample.first_fails_at == 301

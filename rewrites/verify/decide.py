@@ -28,6 +28,7 @@ class Decision:
     verdict: Verdict
     search: Search
     examples: int  # examples evaluated for this dtype's verdict, the float64 stage included
+    cut_to: int | None = None  # problems were cut to their first cut_to tokens (either search)
 
 
 def verdict_of(s: Search) -> Verdict:
@@ -44,10 +45,11 @@ def decide(formula: Search, in_dtype: Callable[[str], Search], dtypes: Sequence[
     decisions = []
     for dtype in dtypes:
         if formula.failure is not None:
-            decisions.append(Decision(dtype, verdict_of(formula), formula, formula.examples))
+            decisions.append(Decision(dtype, verdict_of(formula), formula, formula.examples, formula.cut_to))
         else:
             s = in_dtype(dtype)
-            decisions.append(Decision(dtype, verdict_of(s), s, s.examples + formula.examples))
+            cut = max((c for c in (formula.cut_to, s.cut_to) if c), default=None)
+            decisions.append(Decision(dtype, verdict_of(s), s, s.examples + formula.examples, cut))
     return decisions
 
 

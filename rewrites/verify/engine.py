@@ -120,7 +120,8 @@ class Verifier:
                 self._written.add(path)
             ce = counterexamples.describe(path, s)
         return Result(**base, dtype=d.dtype, verdict=d.verdict, max_abs_error=s.max_abs,
-                      max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w)  # fmt: skip
+                      max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w,
+                      cut_to=d.cut_to)  # fmt: skip
 
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         """Every verdict of one rewrite on the given backends."""

@@ -1,23 +1,46 @@
 """Running one rewrite on one problem: fresh inputs in the backend's dtype, the output
-checked (shape, dtype) and brought back to float64, then judged against the truth."""
+checked (shape, dtype, array type) and brought back to float64, then judged against the truth.
+
+A rewrite is untrusted code. It gets its own copies of the inputs (the problem's arrays,
+which searches share, are made read-only), and a call that changes them is an error: it
+would otherwise corrupt whatever runs next. A failing output is computed twice, so that a
+rewrite whose output changes between calls on the same input is reported as
+nondeterministic, not judged on whichever output came first (and Hypothesis, replaying
+the input, does not see it pass)."""
 
 from __future__ import annotations
 
+import functools
 import math
+from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from array_api_compat import array_namespace
 
 import oracles
 from oracles import backends
-from oracles.problem import AttentionProblem
-from oracles.reference import Reference, excess, reference, rounded_key
+from oracles.problem import WEIGHTS, AttentionProblem
+from oracles.reference import (
+    DISK_MIN_ELEMENTS,
+    Reference,
+    excess,
+    file_fingerprint,
+    reference,
+    rounded_key,
+    size,
+    stored,
+)
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
 N_HEAD_ARG = (5,)  # n_head, the sixth argument of every rewrite, is a Python int (static under jit)
+INPUT_NAMES = ("x", *WEIGHTS)
+#: Failures of one rewrite x backend x dtype re-run to tell a wrong formula from noise;
+#: once a rewrite is seen to be nondeterministic, every failure is.
+RECHECKS = 3
 
 
 class RewriteFailed(Exception):
@@ -30,22 +53,128 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
     impl = rw.implementation(backend)
     if impl is None:
         raise RewriteFailed(rw.load_error or f"{rw.name} has no implementation for {backend}")
+    known = NONDETERMINISM.known(rw, backend)
+    if known:
+        raise RewriteFailed(known)
+    freeze(problem)
     args = (*oracles.as_backend(problem, backend, dtype), problem.n_head)  # fresh arrays for every call
-    try:
-        out = be.runner(impl, args, N_HEAD_ARG)(*args)
+    before = [np.array(be.to_numpy(a), copy=True) for a in args[:-1]]
+    out = _call(be, impl, args)
+    _check_inputs(be, args, before)
+    try:  # `out` is the rewrite's object: its shape, dtype and conversion are its code too
+        _check_output(rw, be, dtype, problem, args[0], out)
+        return np.array(be.to_numpy(out), dtype=np.float64, copy=True)  # a copy: the rewrite may reuse its buffer
+    except RewriteFailed:
+        raise
     except Exception as e:
-        first_line = (str(e).strip().splitlines() or [""])[0]
-        raise RewriteFailed(f"raised {type(e).__name__}: {first_line}") from e
+        raise RewriteFailed(f"returned a {type(out).__name__} that {backend} cannot read ({_line(e)})") from e
+
+
+def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> AttentionProblem:
+    """The problem as `backend` runs `rw` on it: whole, or its first `Backend.loop_tokens`
+    tokens when rw is a loop per token there (a causal prefix is a problem of its own)."""
+    be, impl = backends.get(backend), rw.implementation(backend)
+    if be.loop_tokens is None or impl is None or problem.n_seq <= be.loop_tokens:
+        return problem
+    head = problem.prefix(be.loop_tokens)
+    try:
+        grows = be.grows_per_token(impl, (*oracles.as_backend(head, backend, dtype), problem.n_head), N_HEAD_ARG)
+    except Exception:  # it cannot be traced: running it will say why
+        return problem
+    return head if grows else problem
+
+
+def freeze(problem: AttentionProblem) -> None:
+    """Make the problem's own arrays read-only: searches share them (cached real layers,
+    known-hard examples), so nothing that runs may write into them."""
+    for a in problem.arrays():
+        if isinstance(a, np.ndarray) and a.flags.writeable:
+            a.flags.writeable = False
+
+
+def _line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
+
+
+def _call(be: backends.Backend, impl: Any, args: tuple) -> Any:
+    """Call the rewrite; whatever it raises, `sys.exit` included, is its error."""
+    try:
+        return be.runner(impl, args, N_HEAD_ARG)(*args)
+    except SystemExit as e:
+        raise RewriteFailed(f"called sys.exit({e.code!r})") from e
+    except Exception as e:
+        raise RewriteFailed(f"raised {type(e).__name__}: {_line(e)}") from e
+
+
+def _check_inputs(be: backends.Backend, args: tuple, before: list[np.ndarray]) -> None:
+    """RewriteFailed if the call changed any of its inputs (compared value for value)."""
+    for name, a, was in zip(INPUT_NAMES, args[: len(before)], before, strict=True):
+        try:
+            now = be.to_numpy(a)
+        except Exception as e:  # replaced by something unreadable (torch .set_(), say)
+            raise RewriteFailed(f"modified its input {name} ({_line(e)})") from e
+        if now.shape != was.shape or not np.array_equal(now, was, equal_nan=True):
+            raise RewriteFailed(f"modified its input {name}")
+
+
+def _check_output(rw: Rewrite, be: backends.Backend, dtype: str, problem: AttentionProblem, x: Any, out: Any) -> None:
+    """RewriteFailed unless `out` is an array of the inputs' kind, shape and dtype."""
     want = (*problem.x.shape[:-2], 1 if rw.output == "last" else problem.n_seq, problem.n_embd)
     shape, got_dtype = tuple(getattr(out, "shape", ())), str(getattr(out, "dtype", type(out).__name__))
     if shape != want:
         raise RewriteFailed(f"returned shape {list(shape)}, expected {list(want)} ({rw.output} output)")
     if got_dtype.rsplit(".", 1)[-1] != dtype:
         raise RewriteFailed(f"returned {got_dtype} for {dtype} inputs")
+    if _namespace(out) is not _namespace(x):
+        kind = f"{type(out).__module__.split('.')[0]}.{type(out).__name__}"
+        raise RewriteFailed(f"returned a {kind} for {be.name} inputs")
+
+
+def _namespace(a: Any) -> Any:
     try:
-        return be.to_numpy(out)
-    except Exception as e:
-        raise RewriteFailed(f"returned a {type(out).__name__} that {backend} cannot read ({e})") from e
+        return array_namespace(a)
+    except TypeError:
+        return None
+
+
+class Nondeterminism:
+    """What this process has seen of rewrites whose output changes between two calls on
+    the same input. Once seen, every later call of that rewrite on that backend fails at
+    once with the same message (naming the input it was seen on): a search that replays
+    or shrinks the failure gets one consistent answer, quickly."""
+
+    def __init__(self) -> None:
+        self.confirmed: Counter[tuple] = Counter()  # failures that reproduced, per rewrite x backend x dtype
+        self.seen: dict[tuple, str] = {}  # rewrite x backend -> message
+
+    def known(self, rw: Rewrite, backend: str) -> str | None:
+        return self.seen.get((*rw.identity, backend))
+
+    def check(self, rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem, out: np.ndarray) -> None:
+        """Run a failing input again; RewriteFailed if the two outputs differ."""
+        key = (*rw.identity, backend, dtype)
+        if self.confirmed[key] >= RECHECKS:
+            return
+        again = run_rewrite(rw, backend, dtype, problem)
+        if np.array_equal(out, again, equal_nan=True):
+            self.confirmed[key] += 1
+            return
+        message = (
+            f"nondeterministic: two calls on the same input differ {_difference(out, again)} ({problem.describe()})"
+        )
+        self.seen[(*rw.identity, backend)] = message
+        raise RewriteFailed(message)
+
+
+NONDETERMINISM = Nondeterminism()
+
+
+def _difference(a: np.ndarray, b: np.ndarray) -> str:
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    with np.errstate(all="ignore"):
+        d = np.abs(a - b)[~same]
+    finite = d[np.isfinite(d)]
+    return f"by {finite.max():.3g}" if finite.size == d.size else "in which elements are NaN or inf"
 
 
 def output_rows(rw: Rewrite) -> tuple:
@@ -68,11 +197,16 @@ class References:
         return self.truth(problem, backend, dtype).representable
 
     def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
+        """The backend's oracle output (in memory; long ones on disk, keyed by the oracle's code)."""
         key = (rounded_key(problem, backend, dtype)[0], backend)  # the oracle sees the rounded inputs
         if key not in self.oracles:
             if len(self.oracles) >= self.limit:
                 self.oracles.pop(next(iter(self.oracles)))
-            self.oracles[key] = oracles.run(backend, problem, dtype)
+            run = lambda: oracles.run(backend, problem, dtype)
+            if size(problem) >= DISK_MIN_ELEMENTS:
+                code = file_fingerprint(oracles.oracle(backend).__file__)
+                run = functools.partial(stored, ("oracle", code, *key, dtype), problem.x.shape, run)
+            self.oracles[key] = run()
         return self.oracles[key]
 
 
@@ -99,5 +233,7 @@ def outcome(
     out = run_rewrite(rw, backend, dtype, problem)
     truth, sl = refs.truth(problem, backend, dtype), output_rows(rw)
     ratio, abs_err, nonfinite = judge(out, truth.out[sl], truth.tolerance[sl])
+    if ratio > 1:
+        NONDETERMINISM.check(rw, backend, dtype, problem, out)
     same = bitwise and np.array_equal(out, refs.oracle(problem, backend, dtype)[sl])
     return Outcome(ratio, abs_err, same, nonfinite)

@@ -18,7 +18,7 @@ from hypothesis.errors import NoSuchExample
 
 from oracles.problem import AttentionProblem
 from oracles.reference import size
-from rewrites.verify.execute import References, RewriteFailed, outcome
+from rewrites.verify.execute import References, RewriteFailed, outcome, reach
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -53,12 +53,16 @@ class Search:
     last_ratio: float = 0.0  # of the latest example (what Hypothesis's `target` climbs)
     bitwise: bool = True
     seconds: float = 0.0
+    cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
 
     @np.errstate(all="ignore")  # overflow and NaN are what is being looked for here
     def failing(self, problem: AttentionProblem, refs: References) -> str | None:
         """Why `problem` fails (None if it passes or says nothing), with the tallies updated.
         The caller counts examples (a shrunk failure is re-run for its message, uncounted)."""
         self.last_ratio = 0.0
+        run = reach(self.rewrite, self.backend, self.dtype, problem)
+        if run is not problem:
+            self.cut_to, problem = run.n_seq, run
         if self.stage is Stage.DTYPE and not refs.representable(problem, self.backend, self.dtype):
             return None  # no correct computation in this dtype exists: not evidence
         try:

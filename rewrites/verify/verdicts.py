@@ -31,7 +31,8 @@ class Verdict(StrEnum):
 CLAIMS: tuple[Verdict, ...] = tuple(v for v in Verdict if v is not Verdict.ERROR)
 LEGEND = (
     ", ".join(f"{v.symbol} {v.value}" for v in Verdict).replace("E equivalent", "E equivalent within the derived bound")
-    + "; ! marks a verdict that contradicts the rewrite's claim"
+    + "; ! marks a verdict that contradicts the rewrite's claim; <=N: a loop per token run on each"
+    " problem's first N tokens only (where eager steps compile per shape)"
 )
 #: dtypes in which a claim is held against the verdict; float16/bfloat16 are reported only.
 CLAIM_DTYPES = ("float64", "float32")
@@ -74,10 +75,11 @@ class Result:
     counterexample: Counterexample | None = None
     source: str = "built-in"
     witness: str | None = None  # for an `unstable` claim: a claim dtype where the search found it
+    cut_to: int | None = None  # the backend ran a per-token loop on each problem's first cut_to tokens only
 
     @property
     def claim_holds(self) -> bool:
-        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype, self.witness)
+        return claim_holds(self.claim, self.verdict, self.inputs, self.dtype, self.witness, self.cut_to)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -102,7 +104,12 @@ class Result:
 
 
 def claim_holds(
-    claim: Verdict | None, verdict: Verdict, inputs: Inputs, dtype: str, witness: str | None = None
+    claim: Verdict | None,
+    verdict: Verdict,
+    inputs: Inputs,
+    dtype: str,
+    witness: str | None = None,
+    cut_to: int | None = None,
 ) -> bool:
     """Whether `verdict` is consistent with `claim` (False: the claim is contradicted).
 
@@ -111,7 +118,10 @@ def claim_holds(
     search must find; real GPT-2 inputs may well be benign for them. An instability may show
     in one dtype only (a leak at logits that only float64 can hold): it is enough that the
     search found it in one of the CLAIM_DTYPES (`witness`) if the others at least stay
-    within the bound. Only CLAIM_DTYPES are held to the claim; an `error` never holds one."""
+    within the bound. Only CLAIM_DTYPES are held to the claim; an `error` never holds one.
+    Problems cut to their first `cut_to` tokens (Backend.loop_tokens) cannot contradict a
+    claim that a counterexample exists: it may need more tokens; they still contradict a
+    universal claim."""
     if claim is None or dtype not in CLAIM_DTYPES:
         return True
     if verdict is Verdict.ERROR:
@@ -120,7 +130,7 @@ def claim_holds(
         return verdict is Verdict.BITWISE
     if claim is Verdict.EQUIVALENT:
         return verdict.holds_equivalence
-    if inputs is Inputs.GPT2:
+    if inputs is Inputs.GPT2 or (cut_to is not None and verdict.holds_equivalence):
         return True
     if claim is Verdict.UNSTABLE and witness is not None:
         return verdict in (Verdict.BITWISE, Verdict.EQUIVALENT, Verdict.UNSTABLE)
