@@ -125,14 +125,17 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 
 
 #: Families whose behaviour changes with length: pytest searches them as `verify` does, to
-#: n_seq 2049 and real layers at 1024; the others get the quick profile (short shapes).
+#: n_seq 2049 and real layers at 1024, on the backends that compile nothing per shape; the
+#: others, and every family on JAX (each long length a compilation, minutes a rewrite:
+#: `verify` searches JAX at real lengths), get the quick profile (short shapes).
 LENGTH_FAMILIES = ("tiles", "length_mutant")
 LENGTH_EXAMPLES = 16
 
 
 @pytest.fixture(scope="session")
 def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory):
-    """family -> the Verifier for it (the full profile for LENGTH_FAMILIES, else the quick one)."""
+    """(family, backend) -> the Verifier for them (the full profile for LENGTH_FAMILIES on a
+    backend that does not compile per shape, else the quick one)."""
     from rewrites.verify import CLAIM_DTYPES, Config, Verifier, inputs
 
     def make(profile, examples: int, explicit: bool) -> Verifier:
@@ -148,12 +151,12 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
         )
 
     examples = pytestconfig.getoption("examples")
-    # At long lengths JAX compiles once per shape: CI's profile gives the length families
-    # LENGTH_EXAMPLES a search (8 per length band; every length mutant is found by its 10th).
-    # The length families get no explicit examples: their faults must be found by the search.
+    # The full profile's LENGTH_EXAMPLES a search: 8 per length band (every length mutant is
+    # found by its 10th). The length families get no explicit examples there: their faults
+    # must be found by the search.
     full = make(inputs.FULL, min(examples, LENGTH_EXAMPLES), explicit=False)
     quick = make(inputs.QUICK, examples, explicit=True)
-    return lambda family: full if family in LENGTH_FAMILIES else quick
+    return lambda family, backend: full if family in LENGTH_FAMILIES and not backends.get(backend).compiles else quick
 
 
 @pytest.fixture(scope="session")
@@ -170,7 +173,7 @@ def verdicts(verifiers, pytestconfig: pytest.Config):
     def get(rw, backend: str) -> list:
         key = (rw.name, backend)
         if key not in _VERDICTS:
-            _VERDICTS[key] = verifiers(rw.family).verify_one(rw, [backend], gpt2_inputs=with_gpt2)
+            _VERDICTS[key] = verifiers(rw.family, backend).verify_one(rw, [backend], gpt2_inputs=with_gpt2)
         return _VERDICTS[key]
 
     return get

@@ -68,9 +68,14 @@ class Backend:
             return fn
         return fn if self.grows_per_token(fn, args, static) else self.compile(fn, static)
 
+    @property
+    def compiles(self) -> bool:
+        """Whether this backend compiles per shape (every new length costs a compilation)."""
+        return self.traces is not None
+
     def grows_per_token(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> bool:
         """Whether compiling fn would unroll a loop per token (False where nothing compiles)."""
-        return self.traces is not None and self._growth(fn, args, static) is Growth.PER_TOKEN
+        return self.compiles and self._growth(fn, args, static) is Growth.PER_TOKEN
 
     def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> Growth:
         """Whether fn's traced program grows per token (longer at 16 tokens than at 8): two
@@ -147,7 +152,7 @@ def _jax() -> Backend:
         compilations=lambda: count[0],
         traces=traces,
         abstract=jax.ShapeDtypeStruct,
-        loop_tokens=32,
+        loop_tokens=16,
     )
 
 

@@ -24,12 +24,16 @@ FIRST_FAILS_AT = {
 
 
 @pytest.mark.families("length_mutant")
-def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, verdicts):
+def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, verdicts, verifiers):
     rw, backend, dtype = rewrite_case
+    if verifiers(rw.family, backend).config.profile.name != "full":
+        pytest.skip(f"pytest searches real lengths where no length compiles anew; on {backend}, `verify` does")
     (r,) = [r for r in verdicts(rw, backend) if r.dtype == dtype and r.inputs is Inputs.HYPOTHESIS]
+    expected = FIRST_FAILS_AT[rw.name]
+    if r.cut_to is not None and r.cut_to < (expected or 65):
+        pytest.skip(f"{backend} runs this loop per token on {r.cut_to} tokens only (Backend.loop_tokens)")
     assert r.verdict is Verdict.INEQUIVALENT, f"{rw.name} on {backend} {dtype}: {r.verdict}"
     ce = r.counterexample
-    expected = FIRST_FAILS_AT[rw.name]
     if expected is None:
         assert ce.first_fails_at > 64, ce
     else:

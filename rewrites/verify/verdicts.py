@@ -83,6 +83,8 @@ class Result:
 
     def to_json(self) -> dict:
         d = asdict(self)
+        for k in ("inputs", "claim", "verdict"):  # plain strings: pytest-xdist's channel sends no enums
+            d[k] = None if d[k] is None else d[k].value
         for k in ("max_abs_error", "max_error_over_bound"):  # JSON has no inf/nan
             if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = str(d[k])
