@@ -46,8 +46,10 @@ def matrix(results: Sequence[Result], inputs: Inputs) -> tuple[list[str], list[l
 
 
 def cell(r: Result) -> str:
-    """The verdict's symbol, `<=N` if problems were cut to N tokens, `!` if it contradicts the claim."""
-    return r.verdict.symbol + (f"<={r.cut_to}" if r.cut_to else "") + ("" if r.claim_holds else "!")
+    """The verdict's symbol, `(f32)` for an effective precision, `<=N` if problems were cut to
+    N tokens, `!` if it contradicts the claim."""
+    precision = f"({r.precision.replace('float', 'f')})" if r.precision else ""
+    return r.verdict.symbol + precision + (f"<={r.cut_to}" if r.cut_to else "") + ("" if r.claim_holds else "!")
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
@@ -84,7 +86,7 @@ def mutant_table(results: Sequence[Result]) -> str:
     for r in results:
         if r.inputs is not Inputs.HYPOTHESIS or r.claim not in (Verdict.INEQUIVALENT, Verdict.UNSTABLE):
             continue
-        if r.dtype != (r.witness if r.claim is Verdict.UNSTABLE and r.witness else "float32"):
+        if r.dtype != (r.witness if r.claim in (Verdict.UNSTABLE, Verdict.IMPRECISE) and r.witness else "float32"):
             continue
         ce = r.counterexample
         shape = (ce.shape if ce else None) or {}

@@ -92,7 +92,7 @@ def test_claim_rule_on_problems_cut_short():
 
 
 def test_verdict_vocabulary():
-    assert [v.symbol for v in Verdict] == ["B", "E", "U", "I", "X"]
+    assert [v.symbol for v in Verdict] == ["B", "E", "P", "U", "I", "X"]
     assert Verdict("equivalent") is Verdict.EQUIVALENT and Verdict.EQUIVALENT == "equivalent"
 
 

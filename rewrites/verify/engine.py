@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
 from rewrites.verify import counterexamples, inputs
-from rewrites.verify.decide import Decision, decide, witness
+from rewrites.verify.decide import Decision, Run, decide, witness
 from rewrites.verify.execute import References
 from rewrites.verify.search import Search, Stage, hypothesis_search, sweep
 from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
@@ -51,24 +51,21 @@ class Verifier:
     throughput: list[Throughput] = field(default_factory=list)
     _gpt2: inputs.RealLayers | None = field(default=None, init=False)
     _known_hard: dict[Stage, list[AttentionProblem]] = field(default_factory=dict, init=False)
-    _written: set[Path] = field(default_factory=set, init=False)  # one float64 failure stands for every dtype
+    _written: set[Path] = field(default_factory=set, init=False)  # files saved (one search may decide several dtypes)
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
         if not self._known_hard:
             on = self.config.explicit_examples
             self._known_hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
 
-        def run(strategy, dtype: str, stage: Stage) -> Search:
+        def run(dtype: str, stage: Stage, first: Search | None) -> Search:
+            profile = self.config.profile
+            bands = profile.moderate if stage is Stage.FORMULA else profile.extreme_for(dtype)
+            explicit = ([first.failure] if first else []) + self._known_hard[stage]
             s = Search(rw, backend, dtype, stage)
-            return hypothesis_search(strategy, s, self.refs, self.config.examples, self._known_hard[stage])
+            return hypothesis_search(bands, s, self.refs, self.config.examples, explicit)
 
-        return self._results(
-            rw,
-            backend,
-            Inputs.HYPOTHESIS,
-            lambda: run(self.config.profile.moderate, "float64", Stage.FORMULA),
-            lambda dtype: run(self.config.profile.extreme_for(dtype), dtype, Stage.DTYPE),
-        )
+        return self._results(rw, backend, Inputs.HYPOTHESIS, run)
 
     def real_layers(self) -> inputs.RealLayers:
         if self._gpt2 is None:
@@ -81,21 +78,19 @@ class Verifier:
         return self.config.gpt2_n_seq or self.config.profile.real_n_seq
 
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
-        def run(dtype: str, stage: Stage) -> Search:
+        def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
-            return sweep(self.real_layers().problems(plan), Search(rw, backend, dtype, stage), self.refs)
+            problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
+            return sweep(problems, Search(rw, backend, dtype, stage), self.refs)
 
-        return self._results(
-            rw, backend, Inputs.GPT2, lambda: run("float64", Stage.FORMULA), lambda d: run(d, Stage.DTYPE)
-        )
+        return self._results(rw, backend, Inputs.GPT2, run)
 
     def _results(
         self,
         rw: Rewrite,
         backend: str,
         inputs: Inputs,
-        formula: Callable[[], Search],
-        in_dtype: Callable[[str], Search],
+        run: Run,
     ) -> list[Result]:
         dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
         base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs=inputs, claim=rw.claim, source=rw.source)
@@ -106,8 +101,8 @@ class Verifier:
                        examples=0, counterexample=ce)
                 for d in dtypes
             ]  # fmt: skip
-        decisions = decide(formula(), in_dtype, dtypes)
-        w = witness(decisions)
+        decisions = decide(run, dtypes)
+        w = witness(decisions, rw.claim)
         return [self._result(base, d, inputs, w) for d in decisions]
 
     def _result(self, base: dict, d: Decision, inputs: Inputs, w: str | None) -> Result:
@@ -121,7 +116,7 @@ class Verifier:
             ce = counterexamples.describe(path, s)
         return Result(**base, dtype=d.dtype, verdict=d.verdict, max_abs_error=s.max_abs,
                       max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w,
-                      cut_to=d.cut_to)  # fmt: skip
+                      cut_to=d.cut_to, precision=s.effective_precision)  # fmt: skip
 
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         """Every verdict of one rewrite on the given backends."""

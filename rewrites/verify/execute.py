@@ -218,6 +218,7 @@ class Outcome:
     abs_error: float
     bitwise: bool  # equal to the backend's oracle bit for bit (when asked)
     nonfinite: bool
+    out: np.ndarray  # the output rows the rewrite returned (float64)
 
 
 def judge(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> tuple[float, float, bool]:
@@ -236,4 +237,4 @@ def outcome(
     if ratio > 1:
         NONDETERMINISM.check(rw, backend, dtype, problem, out)
     same = bitwise and np.array_equal(out, refs.oracle(problem, backend, dtype)[sl])
-    return Outcome(ratio, abs_err, same, nonfinite)
+    return Outcome(ratio, abs_err, same, nonfinite, out)

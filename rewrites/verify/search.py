@@ -8,7 +8,7 @@ import functools
 import math
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,8 @@ from hypothesis.errors import NoSuchExample
 
 from oracles.problem import AttentionProblem
 from oracles.reference import size
-from rewrites.verify.execute import References, RewriteFailed, outcome, reach
+from rewrites.verify import diagnose
+from rewrites.verify.execute import References, RewriteFailed, outcome, output_rows, reach
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -53,7 +54,21 @@ class Search:
     last_ratio: float = 0.0  # of the latest example (what Hypothesis's `target` climbs)
     bitwise: bool = True
     seconds: float = 0.0
+    kept: list[tuple] = field(default_factory=list)  # FORMULA: (problem as run, output), first and latest failures
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
+    precision: diagnose.Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
+    scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
+
+    def __post_init__(self) -> None:
+        if self.stage is Stage.FORMULA:
+            self.precision = diagnose.Precision(self.dtype)
+
+    @property
+    def effective_precision(self) -> str | None:
+        """`imprecise`: a failure of the right formula at this lower precision (diagnose.py)."""
+        if self.failure is None or self.error or self.scale is not None or self.precision is None:
+            return None
+        return self.precision.effective
 
     @np.errstate(all="ignore")  # overflow and NaN are what is being looked for here
     def failing(self, problem: AttentionProblem, refs: References) -> str | None:
@@ -75,8 +90,11 @@ class Search:
         self.last_ratio = o.ratio
         self.max_ratio, self.max_abs = max(self.max_ratio, o.ratio), max(self.max_abs, o.abs_error)
         if self.stage is Stage.FORMULA and o.nonfinite:
-            self.error = self.error or "returned NaN or inf on moderate float64 inputs"
+            self.error = self.error or f"returned NaN or inf on moderate {self.dtype} inputs"
             return self._found(f"error: {self.error}")
+        if o.ratio > 1 and self.precision is not None:
+            self.precision.add(o.out, problem, self.backend, output_rows(self.rewrite))
+            self.kept[1:] = [(problem, o.out)]
         if o.ratio > 1:
             what = "non-finite output" if o.nonfinite else f"error {o.abs_error:.3g} is {o.ratio:.3g}x the bound"
             return self._found(f"{what} in {self.dtype}")
@@ -194,3 +212,9 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
             lo = mid
     s.failure, s.first_fails_at = s.failure.prefix(hi), hi
     s.message = s.failing(s.failure, refs) or ""
+    if s.stage is Stage.FORMULA and not s.error and s.kept:
+        s.scale = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
+        if s.scale is not None:
+            s.message += f"; it is attention with the logits scaled by {s.scale:.9g}"
+        elif s.effective_precision:
+            s.message += f"; within the {s.effective_precision} bound on every failing example"

@@ -13,6 +13,7 @@ class Verdict(StrEnum):
 
     BITWISE = "bitwise"  # every output equalled the backend's own oracle bit for bit
     EQUIVALENT = "equivalent"  # every output within the derived bound of the float64 truth
+    IMPRECISE = "imprecise"  # right formula computed at a lower precision than its dtype (Result.precision)
     UNSTABLE = "unstable"  # right formula, but fails on inputs a correct dtype computation holds
     INEQUIVALENT = "inequivalent"  # fails on moderate float64 inputs: the formula is wrong
     ERROR = "error"  # raised, returned a wrong shape or dtype, or NaN on benign inputs
@@ -20,12 +21,21 @@ class Verdict(StrEnum):
     @property
     def symbol(self) -> str:
         """One letter for the tables."""
-        return {"bitwise": "B", "equivalent": "E", "unstable": "U", "inequivalent": "I", "error": "X"}[self.value]
+        return _SYMBOLS[self]
 
     @property
     def holds_equivalence(self) -> bool:
         return self in (Verdict.BITWISE, Verdict.EQUIVALENT)
 
+
+_SYMBOLS = {
+    Verdict.BITWISE: "B",
+    Verdict.EQUIVALENT: "E",
+    Verdict.IMPRECISE: "P",
+    Verdict.UNSTABLE: "U",
+    Verdict.INEQUIVALENT: "I",
+    Verdict.ERROR: "X",
+}
 
 #: What a rewrite may claim: any verdict but `error`.
 CLAIMS: tuple[Verdict, ...] = tuple(v for v in Verdict if v is not Verdict.ERROR)
@@ -74,7 +84,8 @@ class Result:
     examples: int
     counterexample: Counterexample | None = None
     source: str = "built-in"
-    witness: str | None = None  # for an `unstable` claim: a claim dtype where the search found it
+    witness: str | None = None  # for an `unstable` or `imprecise` claim: a claim dtype where the search found it
+    precision: str | None = None  # `imprecise`: the lower precision whose bound held on every failing example
     cut_to: int | None = None  # the backend ran a per-token loop on each problem's first cut_to tokens only
 
     @property
@@ -118,9 +129,11 @@ def claim_holds(
     `bitwise` and `equivalent` are universal claims: any failure contradicts them.
     `unstable` and `inequivalent` claim that a counterexample exists, which the Hypothesis
     search must find; real GPT-2 inputs may well be benign for them. An instability may show
-    in one dtype only (a leak at logits that only float64 can hold): it is enough that the
-    search found it in one of the CLAIM_DTYPES (`witness`) if the others at least stay
-    within the bound. Only CLAIM_DTYPES are held to the claim; an `error` never holds one.
+    in one dtype only (a leak at logits that only float64 can hold), and so may a loss of
+    precision (float32 arithmetic is exact enough for float32 inputs): for `unstable` and
+    `imprecise` it is enough that the search found it in one of the CLAIM_DTYPES
+    (`witness`) if the others at least stay within the bound. Only CLAIM_DTYPES are held
+    to the claim; an `error` never holds one.
     Problems cut to their first `cut_to` tokens (Backend.loop_tokens) cannot contradict a
     claim that a counterexample exists: it may need more tokens; they still contradict a
     universal claim."""
@@ -134,6 +147,6 @@ def claim_holds(
         return verdict.holds_equivalence
     if inputs is Inputs.GPT2 or (cut_to is not None and verdict.holds_equivalence):
         return True
-    if claim is Verdict.UNSTABLE and witness is not None:
-        return verdict in (Verdict.BITWISE, Verdict.EQUIVALENT, Verdict.UNSTABLE)
+    if claim in (Verdict.UNSTABLE, Verdict.IMPRECISE) and witness is not None:
+        return verdict.holds_equivalence or verdict is claim
     return verdict is claim

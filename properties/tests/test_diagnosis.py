@@ -1,0 +1,114 @@
+"""Each dtype's verdict is true of that dtype, and a formula failure says what it is.
+
+Both sides of each rule: a rewrite computed at a lower precision is `imprecise` with its
+effective precision (never `inequivalent`), a scale error however small is `inequivalent`
+with its factor (never `imprecise`); a crash in float64 alone is an `error` in float64
+alone. The rewrites here are unnamed test rewrites: the diagnosis works from behaviour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from rewrites.common import array_namespace, heads_qkv, logits, project_out, softmax
+from rewrites.registry import rewrite
+from rewrites.verify import Config, Inputs, Verdict, Verifier, inputs
+
+
+def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, factor: float = 1.0, cast=None):
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    z = logits(xp, q, k) * factor  # [..., H, n, n] causal, scaled
+    p = softmax(xp, z if cast is None else xp.astype(z, cast(xp)))
+    return project_out(xp, xp.astype(p, x.dtype) @ v, c_proj_w, c_proj_b)
+
+
+def _test_rewrite(name: str, fn):
+    return rewrite(family="test", claim="equivalent", name=name)(fn)
+
+
+def softmax_in_float32(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """The softmax in float32 whatever the inputs (as jax.nn.dot_product_attention does)."""
+    return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, cast=lambda xp: xp.float32)
+
+
+def all_in_float16(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Everything in float16, the result cast back."""
+    xp = array_namespace(x)
+    h = lambda a: xp.astype(a, xp.float16)
+    out = _attention(h(x), h(c_attn_w), h(c_attn_b), h(c_proj_w), h(c_proj_b), n_head)
+    return xp.astype(out, x.dtype)
+
+
+def raises_in_float64(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Right in every dtype but float64, where it raises."""
+    xp = array_namespace(x)
+    if x.dtype == xp.float64:
+        raise RuntimeError("attn_weights does not have dtype float32")
+    return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+
+
+def scaled(factor: float):
+    def fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, factor=factor)
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory):
+    """name -> {dtype: Result} on NumPy, synthetic inputs (the quick profile)."""
+    config = Config(
+        examples=10,
+        report_dir=tmp_path_factory.mktemp("report"),
+        dtypes=("float64", "float32", "float16"),
+        profile=inputs.QUICK,
+        explicit_examples=False,
+    )
+    verifier, cache = Verifier(config), {}
+
+    def get(name: str, fn) -> dict:
+        if name not in cache:
+            results = verifier.verify_one(_test_rewrite(name, fn), ["numpy"], gpt2_inputs=False)
+            cache[name] = {r.dtype: r for r in results if r.inputs is Inputs.HYPOTHESIS}
+        return cache[name]
+
+    return get
+
+
+def test_float32_arithmetic_on_float64_inputs_is_imprecise_not_inequivalent(verdicts):
+    rs = verdicts("softmax_in_float32", softmax_in_float32)
+    assert rs["float64"].verdict is Verdict.IMPRECISE and rs["float64"].precision == "float32", rs["float64"]
+    # the float32 column is about float32: there it is the right computation
+    assert rs["float32"].verdict.holds_equivalence, rs["float32"]
+    assert rs["float32"].precision is None
+
+
+def test_float16_arithmetic_is_imprecise_at_float16_in_float64_and_float32(verdicts):
+    rs = verdicts("all_in_float16", all_in_float16)
+    for dtype in ("float64", "float32"):
+        assert rs[dtype].verdict is Verdict.IMPRECISE and rs[dtype].precision == "float16", rs[dtype]
+    assert rs["float16"].verdict.holds_equivalence, rs["float16"]
+
+
+def test_a_crash_in_float64_alone_is_an_error_in_float64_alone(verdicts):
+    rs = verdicts("raises_in_float64", raises_in_float64)
+    assert rs["float64"].verdict is Verdict.ERROR
+    assert "attn_weights does not have dtype float32" in rs["float64"].counterexample.message
+    assert rs["float32"].verdict.holds_equivalence and rs["float16"].verdict.holds_equivalence
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.01, 1 + 2**-10])
+def test_a_scale_error_is_inequivalent_in_every_dtype_with_its_factor(verdicts, factor):
+    rs = verdicts(f"scale_x{factor}", scaled(factor))
+    for dtype in ("float64", "float32"):
+        r = rs[dtype]
+        assert r.verdict is Verdict.INEQUIVALENT and r.precision is None, r
+        found = float(r.counterexample.message.rsplit("scaled by ", 1)[1])
+        assert math.isclose(found, factor, rel_tol=1e-4), r.counterexample.message
+
+
+def test_a_correct_rewrite_gets_no_diagnosis(verdicts):
+    rs = verdicts("plain", scaled(1.0))
+    assert all(r.verdict.holds_equivalence and r.precision is None and r.counterexample is None for r in rs.values())
