@@ -105,10 +105,25 @@ def test_a_scale_error_is_inequivalent_in_every_dtype_with_its_factor(verdicts, 
     for dtype in ("float64", "float32"):
         r = rs[dtype]
         assert r.verdict is Verdict.INEQUIVALENT and r.precision is None, r
-        found = float(r.counterexample.message.rsplit("scaled by ", 1)[1])
+        found = float(r.counterexample.message.rsplit("scaled by ", 1)[1].split()[0])
         assert math.isclose(found, factor, rel_tol=1e-4), r.counterexample.message
 
 
 def test_a_correct_rewrite_gets_no_diagnosis(verdicts):
     rs = verdicts("plain", scaled(1.0))
     assert all(r.verdict.holds_equivalence and r.precision is None and r.counterexample is None for r in rs.values())
+
+
+@pytest.mark.parametrize(
+    ("name", "factor_of"), [("scale_sqrt_n_embd", "n_head"), ("scale_one_over_head_dim", "head_dim")]
+)
+def test_the_built_in_scale_mutants_name_their_factor(verdicts, name, factor_of):
+    """1/sqrt(n_embd) for 1/sqrt(head_dim) is a factor 1/sqrt(n_head); 1/head_dim is 1/sqrt(head_dim)."""
+    from rewrites.registry import builtin
+
+    (rw,) = [rw for rw in builtin() if rw.name == name]
+    r = verdicts(name, rw.fn)["float64"]
+    assert r.verdict is Verdict.INEQUIVALENT
+    said = r.counterexample.message.rsplit("scaled by ", 1)[1]  # "0.707107 = 1/sqrt(2) (n_head=2, head_dim=3)"
+    shape = dict(kv.split("=") for kv in said.rsplit("(", 1)[1].rstrip(")").split(", "))
+    assert math.isclose(float(said.split()[0]), int(shape[factor_of]) ** -0.5, rel_tol=1e-4), said

@@ -50,15 +50,30 @@ def _scaled(problem: AttentionProblem, c: float) -> AttentionProblem:
 
 def scale_factor(
     failures: Sequence[tuple[AttentionProblem, np.ndarray]], backend: str, dtype: str, rows: tuple = np.s_[...]
-) -> float | None:
-    """c != 1 such that every (problem, output) failure is attention at c times the scale
-    within `dtype`'s bound; None if there is none in 1/64..64. c is fitted on the largest
-    failure (a shrunk one of two tokens has one degree of freedom a row: any small error
-    fits some scale) and must explain the others too."""
-    fit = [(p, out) for p, out in failures if size(p) <= _MAX_SIZE]
-    if not fit:
+) -> tuple[float, AttentionProblem] | None:
+    """(c, its problem) if every (problem, output) failure is, within `dtype`'s bound,
+    attention at some factor c != 1 times the scale (c may depend on the shape:
+    1/sqrt(n_head) for a scale by n_embd); c from the failure that pins it best (the
+    largest error/bound at c = 1). None if one has no such c in 1/64..64. Every failure
+    must fit: a shrunk one of two tokens has one degree of freedom a row, and any small
+    error fits some scale there."""
+    if not failures or any(size(p) > _MAX_SIZE for p, _ in failures):
         return None
-    problem, out = max(fit, key=lambda f: size(f[0]))
+    fits = []
+    for problem, out in failures:
+        fit = _fit(problem, out, backend, dtype, rows)
+        if fit is None:
+            return None
+        fits.append((fit[1], fit[0], problem))
+    _, c, problem = max(fits, key=lambda f: f[0])
+    return c, problem
+
+
+def _fit(
+    problem: AttentionProblem, out: np.ndarray, backend: str, dtype: str, rows: tuple
+) -> tuple[float, float] | None:
+    """(the c that best explains `out`, the error/bound at c = 1), if c explains it (a
+    grid over log2 c, then a golden-section search)."""
     truth = truth_for(problem, backend, dtype)
     rounded, tolerance = truth.problem, truth.tolerance(dtype)[rows]
     err = lambda log2c: excess(out, oracles.ground_truth(_scaled(rounded, 2.0**log2c)).out[rows], tolerance)
@@ -78,13 +93,16 @@ def scale_factor(
                 lo, a, fa = a, b, fb
                 b = lo + g * (hi - lo)
                 fb = err(b)
-        c = 2.0 ** (a if fa <= fb else b)
-        return c if c != 1.0 and all(_explains(c, p, out, backend, dtype, rows) for p, out in failures) else None
+    log2c, f = (a, fa) if fa <= fb else (b, fb)
+    return (2.0**log2c, err(0.0)) if f <= 1 and log2c != 0.0 else None
 
 
-def _explains(c: float, problem: AttentionProblem, out: np.ndarray, backend: str, dtype: str, rows: tuple) -> bool:
-    truth = truth_for(problem, backend, dtype)
-    return excess(out, oracles.ground_truth(_scaled(truth.problem, c)).out[rows], truth.tolerance(dtype)[rows]) <= 1
+def describe_factor(c: float) -> str:
+    """c, and 1/sqrt(k) or sqrt(k) when it is one (a scale by n_embd, head_dim...)."""
+    for k, name in ((round(c**-2), "1/sqrt({})"), (round(c**2), "sqrt({})")):
+        if k >= 2 and math.isclose(c ** (-2 if name[0] == "1" else 2), k, rel_tol=1e-4):
+            return f"{c:.6g} = {name.format(k)}"
+    return f"{c:.9g}"
 
 
 @dataclass

@@ -213,8 +213,12 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
     s.failure, s.first_fails_at = s.failure.prefix(hi), hi
     s.message = s.failing(s.failure, refs) or ""
     if s.stage is Stage.FORMULA and not s.error and s.kept:
-        s.scale = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
-        if s.scale is not None:
-            s.message += f"; it is attention with the logits scaled by {s.scale:.9g}"
+        fit = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
+        if fit is not None:
+            s.scale, on = fit
+            s.message += (
+                f"; it is attention with the logits scaled by {diagnose.describe_factor(s.scale)}"
+                f" (n_head={on.n_head}, head_dim={on.head_dim})"
+            )
         elif s.effective_precision:
             s.message += f"; within the {s.effective_precision} bound on every failing example"
