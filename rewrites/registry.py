@@ -13,6 +13,12 @@ JAX and PyTorch. A plugin package declares
 
 where the object is a `Rewrite` (or a list of them).
 
+A rewrite may instead be declared at the core level (`level="core"`): `fn(q, k, v) -> o`
+with q, k, v, o `[..., n_head, n_seq, head_dim]`, causal attention at scale
+1/sqrt(head_dim), the shape of a library kernel (`scaled_dot_product_attention`,
+`jax.nn.dot_product_attention`). The reference projections are put around it
+(`around_core`), and it is verified, reported and listed like any other rewrite.
+
 Names are identities: results, counterexample files and worker look-ups are keyed by them,
 so `catalogue()` makes them unique. The first rewrite to take a name keeps it (built-ins
 come first); a later one of the same name is listed under its qualified name
@@ -49,6 +55,7 @@ class Rewrite:
     backends: Mapping[str, Callable] = field(default_factory=dict)  # per-backend overrides of fn
     source: str = "built-in"  # "built-in" or "plugin <distribution>"
     load_error: str | None = None  # set when a plugin could not be loaded
+    level: Literal["sublayer", "core"] = "sublayer"  # core: fn(q, k, v) -> o, projections supplied
 
     def __post_init__(self) -> None:
         if self.claim is not None:
@@ -57,14 +64,41 @@ class Rewrite:
             object.__setattr__(self, "claim", Verdict(self.claim))
         if self.output not in ("full", "last"):
             raise ValueError(f"rewrite {self.name!r}: output {self.output!r} is not 'full' or 'last'")
+        if self.level not in ("sublayer", "core"):
+            raise ValueError(f"rewrite {self.name!r}: level {self.level!r} is not 'sublayer' or 'core'")
 
     def implementation(self, backend: str) -> Callable | None:
-        return self.backends.get(backend, self.fn)
+        """The sublayer function to run on `backend` (a core one with the projections around it)."""
+        fn = self.backends.get(backend, self.fn)
+        return around_core(fn) if fn is not None and self.level == "core" else fn
+
+    def runs_on(self, backend: str) -> bool:
+        """Whether this rewrite exists for `backend` (a library kernel exists for one only);
+        a plugin that failed to load is run everywhere, to be reported."""
+        return self.load_error is not None or self.fn is not None or backend in self.backends
 
     @property
     def identity(self) -> tuple[str, str]:
         """(source, name): what results are keyed by and what workers look a rewrite up by."""
         return (self.source, self.name)
+
+
+_AROUND: dict[Callable, Callable] = {}  # one wrapper per core function: JAX caches compilations by function
+
+
+def around_core(core: Callable) -> Callable:
+    """The sublayer `fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)` that runs the
+    core-level `core(q, k, v)` between the reference projections."""
+    if core not in _AROUND:
+        from rewrites.common import heads_qkv, project_out
+
+        def sublayer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+            xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., n_head, n_seq, head_dim] x3
+            return project_out(xp, core(q, k, v), c_proj_w, c_proj_b)  # [..., n_seq, n_embd]
+
+        sublayer.__name__ = getattr(core, "__name__", "core")
+        _AROUND[core] = sublayer
+    return _AROUND[core]
 
 
 def rewrite(
@@ -73,13 +107,17 @@ def rewrite(
     claim: Verdict | str | None = None,
     output: Literal["full", "last"] = "full",
     name: str | None = None,
+    level: Literal["sublayer", "core"] = "sublayer",
+    backend: str | None = None,
 ) -> Callable[[Callable], Rewrite]:
     """Decorator: turn an attention function into a `Rewrite` named after it, described by
-    the first line of its docstring."""
+    the first line of its docstring. `level="core"`: fn(q, k, v) -> o (module doc).
+    `backend`: fn is that backend's code only (a library kernel), not array-API code."""
 
     def wrap(fn: Callable) -> Rewrite:
         doc = (fn.__doc__ or "").strip().splitlines()
-        return Rewrite(name or fn.__name__, doc[0] if doc else "", family, fn, output, claim)
+        portable, only = (None, {backend: fn}) if backend else (fn, {})
+        return Rewrite(name or fn.__name__, doc[0] if doc else "", family, portable, output, claim, only, level=level)
 
     return wrap
 

@@ -42,7 +42,7 @@ def fake_distribution(site: Path, name: str, entry_points: dict[str, str], files
 def site(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
-    for mod in [m for m in sys.modules if m.startswith(("my_rewrites", "broken_plugin"))]:
+    for mod in [m for m in sys.modules if m.startswith(("my_rewrites", "broken_plugin", "my_core"))]:
         del sys.modules[mod]
 
 
@@ -115,7 +115,7 @@ def test_faulty_plugins_give_error_verdicts_and_the_run_goes_on(site, tmp_path):
     shape = re.search(r"returned shape \[1, (\d+)\], expected \[1, (\d+)\] \(full output\)",
                       by[("wrong_shape", "float32")].counterexample.message)  # fmt: skip
     assert shape and int(shape[1]) == 3 * int(shape[2]), by[("wrong_shape", "float32")].counterexample
-    assert "NaN or inf on moderate float64 inputs" in by[("makes_nan", "float32")].counterexample.message
+    assert "NaN or inf on moderate float32 inputs" in by[("makes_nan", "float32")].counterexample.message  # its own dtype
     # the rest of the run went on: the built-in and the good plugin have real verdicts
     assert by[("batched_heads", "float32")].verdict in ("bitwise", "equivalent")
     assert by[("my_exp_normalise_by_reciprocal", "float32")].verdict in ("bitwise", "equivalent")
@@ -130,3 +130,27 @@ def test_a_plugin_cannot_take_a_built_in_name(site):
     )
     clash = [r for r in registry.catalogue() if r.source == "plugin shadow"]
     assert clash and "already taken by built-in" in clash[0].load_error
+
+
+def test_a_core_level_plugin_is_verified_and_a_wrong_one_is_caught(site, tmp_path):
+    """`level="core"`: fn(q, k, v) with the projections supplied; the README's example holds
+    its claim, the same kernel without its mask is inequivalent."""
+    good = readme_block("my-core/my_core.py")
+    no_mask = good.replace("my_core_attention", "my_core_no_mask").replace(
+        "    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)\n", ""
+    )
+    assert no_mask != good.replace("my_core_attention", "my_core_no_mask")  # the mask line was there
+    fake_distribution(
+        site,
+        "my-core",
+        {"my_core_attention": "my_core:my_core_attention", "my_core_no_mask": "my_core_bad:my_core_no_mask"},
+        {"my_core.py": good, "my_core_bad.py": no_mask},
+    )
+    found = {r.name: r for r in registry.plugins()}
+    assert found["my_core_attention"].level == "core" and found["my_core_attention"].load_error is None
+    results = Verifier(Config(examples=10, report_dir=tmp_path / "report")).verify(
+        [found["my_core_attention"], found["my_core_no_mask"]], ["numpy"], gpt2_inputs=False
+    )
+    by = {(r.rewrite, r.dtype): r for r in results}
+    assert all(by[("my_core_attention", d)].verdict.holds_equivalence for d in ("float64", "float32"))
+    assert all(by[("my_core_no_mask", d)].verdict == "inequivalent" for d in ("float64", "float32"))

@@ -6,6 +6,7 @@ from rewrites.catalogue import (
     kv_cache,
     last_token,
     length_mutants,
+    libraries,
     masks,
     mutants,
     projections,
@@ -15,7 +16,7 @@ from rewrites.catalogue import (
 )
 from rewrites.registry import Rewrite
 
-FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, tiles, length_mutants, mutants)
+FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, tiles, libraries, length_mutants, mutants)
 CATALOGUE: tuple[Rewrite, ...] = tuple(
     obj for family in FAMILIES for obj in vars(family).values() if isinstance(obj, Rewrite)
 )

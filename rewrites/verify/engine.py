@@ -121,7 +121,7 @@ class Verifier:
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         """Every verdict of one rewrite on the given backends."""
         results: list[Result] = []
-        for backend in backend_names:
+        for backend in (b for b in backend_names if rw.runs_on(b)):
             start = time.perf_counter()
             rs = self.hypothesis_results(rw, backend)
             seconds = time.perf_counter() - start
@@ -159,4 +159,4 @@ class Verifier:
             for name, rs, throughput in workers.run(self.config, rewrites, names, gpt2_inputs, jobs):
                 self.throughput += throughput
                 report(name, rs)
-        return [r for rw in rewrites for r in done[rw.name]]
+        return [r for rw in rewrites for r in done.get(rw.name, [])]

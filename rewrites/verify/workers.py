@@ -74,8 +74,8 @@ class Done:
 
 
 def tasks(rewrites: Iterable[Rewrite], backend_names: Sequence[str]) -> list[Task]:
-    """Every rewrite on every backend, in catalogue order."""
-    return [Task(rw, b) for rw in rewrites for b in backend_names]
+    """Every rewrite on every backend it exists for, in catalogue order."""
+    return [Task(rw, b) for rw in rewrites for b in backend_names if rw.runs_on(b)]
 
 
 def error_results(task: Task, config: Config, gpt2_inputs: bool, message: str) -> list[Result]:
@@ -127,9 +127,9 @@ def run(
         COMPILATIONS[0] += done.compilations
         got = parts.setdefault(done.task.rewrite.identity, {})
         got[done.task.backend] = done
-        if len(got) == len(names):
-            rs = [r for b in names for r in got[b].results]
-            yield done.task.rewrite.name, rs, [t for b in names for t in got[b].throughput]
+        if len(got) == sum(done.task.rewrite.runs_on(b) for b in names):
+            rs = [r for b in names if b in got for r in got[b].results]
+            yield done.task.rewrite.name, rs, [t for b in names if b in got for t in got[b].throughput]
 
 
 def compilations(names: Sequence[str]) -> int:

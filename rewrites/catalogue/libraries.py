@@ -1,0 +1,94 @@
+"""The attention people actually run: library kernels, as core-level rewrites
+(`fn(q, k, v) -> o`, q, k, v `[..., n_head, n_seq, head_dim]`, causal, scale
+1/sqrt(head_dim)), each on its own backend and named with the version installed.
+
+Their verdicts are findings about that software, not about this project: a kernel that
+computes its softmax in float32 whatever its inputs is `imprecise` in float64, and
+its claim says what was measured. Kernels take 4-d arrays [batch, ..., n_seq, head_dim]:
+any leading dimensions are folded into one batch and unfolded after."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from rewrites.registry import Rewrite
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _four_d(t):
+    """[..., n_head, n_seq, head_dim] -> [batch, n_head, n_seq, head_dim]."""
+    return t.reshape(-1, *t.shape[-3:])
+
+
+def _sdpa(kernel: str):
+    def core(q, k, v):
+        import torch
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel(getattr(SDPBackend, kernel)):  # only this kernel: one that cannot run raises
+            o = torch.nn.functional.scaled_dot_product_attention(_four_d(q), _four_d(k), _four_d(v), is_causal=True)
+        return o.reshape(q.shape)
+
+    core.__name__ = f"torch_sdpa_{kernel.lower()}"
+    return core
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def torch_flex_attention(q, k, v):
+    import torch
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    n = q.shape[-2]
+    mask = create_block_mask(_causal, B=None, H=None, Q_LEN=n, KV_LEN=n, device=q.device)
+    with torch.no_grad():
+        o = flex_attention(_four_d(q), _four_d(k), _four_d(v), block_mask=mask)
+    return o.reshape(q.shape)
+
+
+def jax_dot_product_attention(q, k, v):
+    import jax
+    import jax.numpy as jnp
+
+    # jax.nn.dot_product_attention takes [batch, n_seq, n_head, head_dim]
+    bthd = lambda t: jnp.swapaxes(_four_d(t), -3, -2)
+    o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True, implementation="xla")
+    return jnp.swapaxes(o, -3, -2).reshape(q.shape)
+
+
+def _kernel(name: str, backend: str, fn, claim: str, what: str, dist: str) -> Rewrite:
+    return Rewrite(
+        name,
+        f"{what} ({dist} {_version(dist)})",
+        "library",
+        None,
+        claim=claim,
+        backends={backend: fn},
+        level="core",
+    )
+
+
+torch_sdpa_math = _kernel(
+    "torch_sdpa_math", "torch", _sdpa("MATH"), "equivalent",
+    "torch scaled_dot_product_attention, is_causal, MATH kernel forced", "torch",
+)  # fmt: skip
+torch_sdpa_flash = _kernel(
+    "torch_sdpa_flash", "torch", _sdpa("FLASH_ATTENTION"), "equivalent",
+    "torch scaled_dot_product_attention, is_causal, FLASH_ATTENTION kernel forced (the CPU flash kernel)", "torch",
+)  # fmt: skip
+torch_flex = _kernel(
+    "torch_flex_attention", "torch", torch_flex_attention, "equivalent",
+    "torch flex_attention with a causal mask_mod, eager", "torch",
+)  # fmt: skip
+jax_dpa_xla = _kernel(
+    "jax_dot_product_attention", "jax", jax_dot_product_attention, "imprecise",
+    'jax.nn.dot_product_attention(is_causal=True, implementation="xla")', "jax",
+)  # fmt: skip
