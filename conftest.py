@@ -39,7 +39,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--backend", action="append", default=[], help="only this backend (repeatable)")
     group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
     group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
-    group.addoption("--examples", type=int, default=30, help="Hypothesis examples per verdict search (default 30)")
+    group.addoption("--examples", type=int, default=20, help="Hypothesis examples per verdict search (default 20)")
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:

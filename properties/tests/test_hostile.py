@@ -303,7 +303,13 @@ def start_run(report: Path, weights: Path) -> subprocess.Popen:
     args += ["--backend", "numpy", "--dtype", "float64", "--gpt2-weights", str(weights), "--gpt2-n-seq", "8"]
     args += ["--rewrite", "batched_heads", "--rewrite", "log_sum_exp", "--rewrite", "hangs", "--timeout", "600"]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)  # fmt: skip
+                            start_new_session=True, preexec_fn=_default_sigint)  # fmt: skip
+
+
+def _default_sigint() -> None:
+    """A terminal's job takes Ctrl-C; a pytest-xdist worker ignores SIGINT, and an ignored
+    signal stays ignored across exec (Python then installs no KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_verdicts(report: Path, proc: subprocess.Popen, n: int, limit: float = 300) -> None:
