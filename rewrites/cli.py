@@ -6,6 +6,7 @@ file (one line naming it, before any work), 3 the tool itself failed, 130 interr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -76,10 +77,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     """The catalogue with families and claims (plugins included)."""
     from rewrites.registry import catalogue
 
-    rows = [
-        [r.name, r.family, r.claim or "-", r.output, r.source, r.load_error or r.description]
-        for r in catalogue(include_plugins=not args.no_plugins)
-    ]
+    found = catalogue(include_plugins=not args.no_plugins)
+    if args.json:
+        keys = ("name", "family", "claim", "output", "level", "source", "description", "load_error")
+        entries = [{k: getattr(r, k) for k in keys} | {"backends": sorted(r.backends) or "all"} for r in found]
+        print(json.dumps(entries, indent=1))
+        return 0
+    rows = [[r.name, r.family, r.claim or "-", r.output, r.source, r.load_error or r.description] for r in found]
     print(markdown_table(["rewrite", "family", "claim", "output", "source", "description"], rows))
     return 0
 
@@ -502,6 +506,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="the catalogue with families and claims")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
+    p.add_argument("--json", action="store_true", help="the catalogue as JSON")
     p.set_defaults(run=cmd_list)
 
     p = sub.add_parser("replay", help="re-run a saved counterexample (.npz)")
@@ -520,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else USAGE
     try:
         return args.run(args)
+    except BrokenPipeError:  # `attention-rewrites list | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return OK
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return INTERRUPTED

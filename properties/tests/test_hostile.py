@@ -473,3 +473,23 @@ def test_a_failure_of_the_tool_itself_is_exit_3_with_a_partial_report(tmp_path, 
     assert "the pool is broken" in capsys.readouterr().err
     meta, _ = report_results(tmp_path)
     assert meta["partial"].startswith("stopped by a failure of this tool")
+
+
+def test_list_ends_quietly_when_its_reader_stops_and_speaks_json():
+    """`attention-rewrites list | head -1` exits 0 with no traceback; `list --json` parses."""
+    import fcntl
+
+    read, write = os.pipe()
+    fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, 4096)  # smaller than the table: the writer must block
+    proc = subprocess.Popen([sys.executable, "-m", "rewrites", "list", "--no-plugins"], cwd=ROOT,
+                            stdout=write, stderr=subprocess.PIPE)  # fmt: skip
+    os.close(write)
+    assert os.read(read, 10)  # the reader takes the start, then goes away
+    os.close(read)
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == cli.OK and "Traceback" not in err and "BrokenPipe" not in err, err
+    out = subprocess.run([sys.executable, "-m", "rewrites", "list", "--json", "--no-plugins"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    entries = {e["name"]: e for e in json.loads(out)}
+    assert entries["batched_heads"]["backends"] == "all" and entries["torch_sdpa_math"]["backends"] == ["torch"]
+    assert entries["jax_dot_product_attention"]["level"] == "core"
