@@ -1,6 +1,6 @@
 """pytest wiring: backend x dtype parametrisation, options, Hypothesis profiles, GPT-2 weights.
 
-Options:
+Options (registered by the shipped pytest plugin, rewrites/pytest_plugin.py):
     --backend NAME      only this backend (repeatable); default every installed one
     --rewrite NAME      only this rewrite (repeatable); default the whole catalogue
     --gpt2-weights PATH safetensors file or folder (else $GPT2_WEIGHTS, ../shared/gpt2/, HF cache)
@@ -32,14 +32,12 @@ settings.register_profile("ci", max_examples=25, derandomize=True, **_COMMON)
 settings.register_profile("thorough", max_examples=500, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 without_local_constants()  # derandomised examples must not depend on what a process imported
+pytest_plugins = ["pytester"]  # properties/tests/test_pytest_plugin.py runs pytest in pytest
 
 
-def pytest_addoption(parser: pytest.Parser) -> None:
-    group = parser.getgroup("attention-rewrites")
-    group.addoption("--backend", action="append", default=[], help="only this backend (repeatable)")
-    group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
-    group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
-    group.addoption("--examples", type=int, default=20, help="Hypothesis examples per verdict search (default 20)")
+#: Examples a verdict search takes here (`--examples`, from rewrites/pytest_plugin.py, which
+#: registers the options): fewer than `verify`'s 30, the known hard cases being explicit.
+EXAMPLES = 20
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
@@ -152,7 +150,7 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
             )
         )
 
-    examples = pytestconfig.getoption("examples")
+    examples = pytestconfig.getoption("examples") or EXAMPLES
     # The full profile's LENGTH_EXAMPLES a search: 8 per length band (every length mutant is
     # found by its 10th). The length families get no explicit examples there: their faults
     # must be found by the search.

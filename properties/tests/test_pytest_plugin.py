@@ -1,0 +1,76 @@
+"""pytest where the rewrite lives: in a fresh folder with a plugin package installed,
+`pytest --attention-rewrites` passes a correct rewrite's cases and fails a wrong one's
+with the verdict and its counterexample; `assert_rewrite` does the same from Python."""
+
+from __future__ import annotations
+
+import pytest
+
+from properties.tests.test_plugins import fake_distribution, readme_block
+from rewrites.pytest_plugin import RewriteClaimFailed, assert_rewrite
+
+
+@pytest.fixture
+def plugin_site(tmp_path):
+    """A site folder holding the README's core-level plugin and the same kernel without its mask."""
+    site = tmp_path / "site"
+    good = readme_block("my-core/my_core.py")
+    bad = good.replace("my_core_attention", "my_core_no_mask").replace(
+        "    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)\n", ""
+    )
+    fake_distribution(
+        site,
+        "my-core",
+        {"my_core_attention": "my_core:my_core_attention", "my_core_no_mask": "my_core_bad:my_core_no_mask"},
+        {"my_core.py": good, "my_core_bad.py": bad},
+    )
+    return site
+
+
+def test_pytest_attention_rewrites_in_a_plugin_authors_folder(pytester, plugin_site, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(plugin_site))
+    result = pytester.runpytest_subprocess(
+        "--attention-rewrites", "--backend", "numpy", "--examples", "5", "--no-gpt2", "-p", "no:cacheprovider"
+    )
+    result.assert_outcomes(passed=2, failed=2)  # 2 rewrites x float64, float32; no built-ins
+    out = result.stdout.str()
+    failed = {line.split()[1].lstrip(":") for line in out.splitlines() if line.startswith("FAILED")}
+    assert failed == {"my_core_no_mask[numpy-float64]", "my_core_no_mask[numpy-float32]"}
+    assert "claimed equivalent, verdict inequivalent" in out
+    assert "replay: attention-rewrites replay" in out and "smallest counterexample:" in out
+
+
+def test_pytest_without_the_flag_collects_no_rewrites(pytester, plugin_site, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(plugin_site))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
+
+
+def _with_mask(q, k, v):
+    import math
+
+    from rewrites.common import array_namespace, causal
+
+    xp = array_namespace(q)
+    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)
+    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
+
+
+def _without_mask(q, k, v):
+    import math
+
+    from rewrites.common import array_namespace
+
+    xp = array_namespace(q)
+    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+    return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
+
+
+def test_assert_rewrite_from_python(tmp_path):
+    results = assert_rewrite(_with_mask, level="core", examples=5, report_dir=tmp_path, real_layers=False)
+    assert results and all(r.claim_holds for r in results)
+    with pytest.raises(RewriteClaimFailed, match="claimed equivalent, verdict inequivalent"):
+        assert_rewrite(_without_mask, level="core", examples=5, report_dir=tmp_path, real_layers=False)

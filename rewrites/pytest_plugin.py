@@ -1,0 +1,156 @@
+"""pytest where the rewrite lives: `pytest --attention-rewrites` in a plugin author's
+repository collects one test per installed plugin rewrite x installed backend x claim
+dtype, judged by the same engine and verdicts as `attention-rewrites verify`.
+
+Loaded through the `pytest11` entry point whenever attention-rewrites is installed; its
+options are the only ones (this project's own conftest.py uses them too). A failing test
+says the verdict, the counterexample's shape, its saved file and the `replay` command.
+`assert_rewrite` does the same from Python.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from oracles import backends, gpt2
+from rewrites.verify.verdicts import CLAIM_DTYPES, Result
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("attention-rewrites")
+    group.addoption(
+        "--attention-rewrites",
+        action="store_true",
+        help="collect a test per installed plugin rewrite x backend x claim dtype (float64, float32)",
+    )
+    group.addoption("--backend", action="append", default=[], help="only this backend (repeatable)")
+    group.addoption("--rewrite", action="append", default=[], help="only this rewrite (repeatable)")
+    group.addoption("--gpt2-weights", default=None, help="GPT-2 safetensors file or folder")
+    group.addoption("--examples", type=int, default=None, help="Hypothesis examples per verdict search")
+    group.addoption("--no-gpt2", action="store_true", help="skip the real GPT-2 layers (--attention-rewrites)")
+    group.addoption("--rewrites-report", default=None, help="where counterexamples are saved (default: a temp dir)")
+
+
+class RewriteClaimFailed(Exception):
+    """A rewrite's verdict contradicts its claim (the message says how)."""
+
+
+def explain(results: Iterable[Result]) -> str:
+    """The failing verdicts as lines a person reads: verdict, counterexample, replay."""
+    lines = []
+    for r in results:
+        lines.append(f"{r.rewrite} on {r.backend} {r.dtype} ({r.inputs}): claimed {r.claim}, verdict {r.verdict}")
+        ce = r.counterexample
+        if ce is not None:
+            lines.append(f"  {ce.message}")
+            if ce.shape:
+                lines.append(f"  smallest counterexample: {ce.problem}")
+            if ce.file:
+                lines.append(f"  saved: {ce.file}\n  replay: {ce.replay}")
+    return "\n".join(lines)
+
+
+def assert_rewrite(
+    fn: Callable,
+    *,
+    claim: str = "equivalent",
+    backends: Iterable[str] = ("numpy",),
+    output: str = "full",
+    level: str = "sublayer",
+    examples: int = 30,
+    report_dir: str | os.PathLike = "report",
+    gpt2_weights: str | None = None,
+    real_layers: bool = True,
+) -> list[Result]:
+    """Verify `fn` (a sublayer or core-level attention function) as `verify` would; raise
+    RewriteClaimFailed with the verdict, counterexample and replay command if a verdict
+    contradicts `claim`. Real GPT-2 layers are used when weights are found (and asked for)."""
+    from rewrites.registry import Rewrite
+    from rewrites.verify import Config, Verifier
+
+    doc = (fn.__doc__ or "").strip().splitlines()
+    rw = Rewrite(getattr(fn, "__name__", "rewrite"), doc[0] if doc else "", "user", fn, output, claim, level=level)
+    verifier = Verifier(Config(examples=examples, gpt2_weights=gpt2_weights, report_dir=Path(report_dir)))
+    results = verifier.verify_one(rw, list(backends), gpt2_inputs=real_layers and _weights_found(gpt2_weights))
+    bad = [r for r in results if not r.claim_holds]
+    if bad:
+        raise RewriteClaimFailed(explain(bad))
+    return results
+
+
+def _weights_found(path: str | None) -> bool:
+    try:
+        gpt2.locate(path)
+        return True
+    except gpt2.WeightsError:
+        if path or os.environ.get(gpt2.ENV_VAR):
+            raise
+        return False
+
+
+class RewriteItem(pytest.Item):
+    """One plugin rewrite x backend x claim dtype."""
+
+    def __init__(self, *, rewrite: Any, backend: str, dtype: str, verdicts: Callable, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.rewrite, self.backend, self.dtype, self.verdicts = rewrite, backend, dtype, verdicts
+        self.add_marker(pytest.mark.xdist_group(f"{rewrite.name}-{backend}"))  # one search per pair
+
+    def runtest(self) -> None:
+        results = [r for r in self.verdicts(self.rewrite, self.backend) if r.dtype == self.dtype]
+        bad = [r for r in results if not r.claim_holds]
+        if bad:
+            raise RewriteClaimFailed(explain(bad))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: Any = None) -> str:
+        if isinstance(excinfo.value, RewriteClaimFailed):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self) -> tuple[str, int | None, str]:
+        return self.rewrite.source, None, self.name
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list) -> None:
+    """With --attention-rewrites: a test per plugin rewrite x installed backend x claim dtype."""
+    if not config.getoption("attention_rewrites"):
+        return
+    from rewrites.registry import catalogue
+
+    rewrites = [rw for rw in catalogue(names=config.getoption("rewrite")) if rw.source != "built-in"]
+    chosen = config.getoption("backend") or backends.available()
+    verdicts = _verdicts(config)
+    for rw in rewrites:
+        for backend in (b for b in chosen if rw.runs_on(b)):
+            for dtype in CLAIM_DTYPES:
+                name = f"{rw.name}[{backend}-{dtype}]"
+                item = RewriteItem.from_parent(
+                    session, name=name, rewrite=rw, backend=backend, dtype=dtype, verdicts=verdicts
+                )
+                items.append(item)
+
+
+def _verdicts(config: pytest.Config) -> Callable:
+    """verdicts(rewrite, backend) -> its Results, one verify_one per pair, cached."""
+    import tempfile
+
+    from rewrites.verify import Config, Verifier
+
+    weights = config.getoption("gpt2_weights")
+    report = config.getoption("rewrites_report") or tempfile.mkdtemp(prefix="attention-rewrites-")
+    examples = config.getoption("examples") or 30
+    verifier = Verifier(Config(examples=examples, gpt2_weights=weights, report_dir=Path(report), dtypes=CLAIM_DTYPES))
+    with_gpt2 = not config.getoption("no_gpt2") and _weights_found(weights)
+    cache: dict[tuple, list[Result]] = {}
+
+    def get(rw: Any, backend: str) -> list[Result]:
+        if (rw.identity, backend) not in cache:
+            cache[(rw.identity, backend)] = verifier.verify_one(rw, [backend], gpt2_inputs=with_gpt2)
+        return cache[(rw.identity, backend)]
+
+    return get
