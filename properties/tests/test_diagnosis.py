@@ -127,3 +127,42 @@ def test_the_built_in_scale_mutants_name_their_factor(verdicts, name, factor_of)
     said = r.counterexample.message.rsplit("scaled by ", 1)[1]  # "0.707107 = 1/sqrt(2) (n_head=2, head_dim=3)"
     shape = dict(kv.split("=") for kv in said.rsplit("(", 1)[1].rstrip(")").split(", "))
     assert math.isclose(float(said.split()[0]), int(shape[factor_of]) ** -0.5, rel_tol=1e-4), said
+
+
+def batch_mean_mixer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Right for one sequence; in a batch, every item gets a little of the batch mean."""
+    xp = array_namespace(x)
+    out = _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    if x.ndim == 2:
+        return out
+    return out + 0.1 * (xp.mean(x, axis=0, keepdims=True) - x)
+
+
+def _finding(r, name: str) -> dict | None:
+    return next((f for f in r.diagnosis if f["finding"] == name), None)
+
+
+@pytest.mark.parametrize(("name", "exactly_one_ahead"), [("no_causal_mask", False), ("mask_off_by_one", True)])
+def test_a_leak_of_the_future_is_found_and_how_far_ahead(verdicts, name, exactly_one_ahead):
+    from rewrites.registry import builtin
+
+    (rw,) = [rw for rw in builtin() if rw.name == name]
+    r = verdicts(name, rw.fn)["float64"]
+    leak = _finding(r, "leaks the future")
+    assert r.verdict is Verdict.INEQUIVALENT and leak is not None, r
+    n = r.counterexample.shape["n_seq"]
+    assert leak["ahead"] == (1 if exactly_one_ahead else n - 1) and leak["first_row"] == 0, (leak, n)
+    assert _finding(r, "mixes batch items") is None
+    assert "leaks the future" in r.counterexample.message
+
+
+def test_mixing_batch_items_is_found_and_nothing_else(verdicts):
+    r = verdicts("batch_mean_mixer", batch_mean_mixer)["float64"]
+    assert r.verdict is Verdict.INEQUIVALENT and _finding(r, "mixes batch items") is not None, r
+    assert _finding(r, "leaks the future") is None
+
+
+@pytest.mark.parametrize("name", ["scale_x0.5", "softmax_in_float32"])
+def test_findings_that_do_not_apply_are_absent(verdicts, name):
+    fn = scaled(0.5) if name == "scale_x0.5" else softmax_in_float32
+    assert all(not r.diagnosis for r in verdicts(name, fn).values())

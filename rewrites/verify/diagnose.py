@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -135,3 +136,72 @@ class Precision:
         """The highest precision whose bound held on every failing output (with evidence)."""
         held = [p for p in self.alive if p in self.seen]
         return held[-1] if held else None
+
+
+# --- findings from the rewrite's behaviour: which inputs reach which outputs ---------------
+
+_MAX_POSITIONS = 64  # positions perturbed one at a time (a shrunk counterexample has few)
+
+
+def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """What the rewrite's outputs depend on that causal attention's do not, each checked by
+    re-running it on `problem` with one input changed: a token changing earlier rows (it
+    leaks the future, and how far ahead), one batch item changing another (it mixes batch
+    items). A finding is listed only when its check fires; a rewrite that fails, or
+    returns only the last row, is not probed."""
+    from rewrites.verify.execute import RewriteFailed, run_rewrite
+
+    if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
+        return []
+    try:
+        base = run_rewrite(rw, backend, dtype, problem)
+        found = _future_leak(rw, backend, dtype, problem, base) + _batch_mixing(rw, backend, dtype, problem, base)
+    except RewriteFailed:
+        return []
+    return found
+
+
+def _changed(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """Rows [..., n_seq] of a and b further apart than the bound allows (or NaN in one only)."""
+    with np.errstate(all="ignore"):
+        far = ~(np.abs(a - b) <= tolerance) & ~(np.isnan(a) & np.isnan(b))
+    return far.any(axis=-1)
+
+
+def _perturbed(problem: AttentionProblem, where: tuple) -> AttentionProblem:
+    """The problem with x changed at `where` (a token, or a batch item): new values of its scale."""
+    x = problem.x.copy()
+    rng = np.random.default_rng(0)
+    x[where] = rng.normal(size=x[where].shape) * max(float(np.abs(problem.x).max()), 1e-3) + 1.0
+    return AttentionProblem(x, *problem.arrays()[1:], n_head=problem.n_head, label=problem.label)
+
+
+def _future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
+    from rewrites.verify.execute import run_rewrite
+
+    tolerance = truth_for(problem, backend, dtype).tolerance(dtype)
+    ahead, first_row = 0, None
+    for j in range(1, min(problem.n_seq, _MAX_POSITIONS)):
+        out = run_rewrite(rw, backend, dtype, _perturbed(problem, np.s_[..., j, :]))
+        rows = np.flatnonzero(_changed(out, base, tolerance).reshape(-1, problem.n_seq)[:, :j].any(axis=0))
+        if rows.size:
+            ahead = max(ahead, j - int(rows.min()))
+            first_row = int(rows.min()) if first_row is None else min(first_row, int(rows.min()))
+    if not ahead:
+        return []
+    return [{"finding": "leaks the future", "ahead": ahead, "first_row": first_row,
+             "text": f"leaks the future: row {first_row} sees a key {ahead} position(s) ahead"}]  # fmt: skip
+
+
+def _batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
+    """Two copies of the problem as a batch, the second changed: the first must not move."""
+    from rewrites.verify.execute import run_rewrite
+
+    pair = np.stack([problem.x, problem.x])  # [2, ..., n_seq, n_embd]
+    batched = AttentionProblem(pair, *problem.arrays()[1:], n_head=problem.n_head, label=problem.label)
+    out = run_rewrite(rw, backend, dtype, _perturbed(batched, np.s_[1]))
+    tolerance = truth_for(problem, backend, dtype).tolerance(dtype)
+    if not _changed(out[0], base, tolerance).any():
+        return []
+    text = "mixes batch items: changing one batch item changes another's output"
+    return [{"finding": "mixes batch items", "text": text}]

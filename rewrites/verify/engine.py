@@ -116,7 +116,8 @@ class Verifier:
             ce = counterexamples.describe(path, s)
         return Result(**base, dtype=d.dtype, verdict=d.verdict, max_abs_error=s.max_abs,
                       max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w,
-                      cut_to=d.cut_to, precision=s.effective_precision)  # fmt: skip
+                      cut_to=d.cut_to, precision=s.effective_precision,
+                      diagnosis=list(s.findings) if s.failure is not None else [])  # fmt: skip
 
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
         """Every verdict of one rewrite on the given backends."""

@@ -58,6 +58,7 @@ class Search:
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
     precision: diagnose.Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
     scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
+    findings: list[dict] = field(default_factory=list)  # Stage.FORMULA: what diagnose.findings saw
 
     def __post_init__(self) -> None:
         if self.stage is Stage.FORMULA:
@@ -66,7 +67,7 @@ class Search:
     @property
     def effective_precision(self) -> str | None:
         """`imprecise`: a failure of the right formula at this lower precision (diagnose.py)."""
-        if self.failure is None or self.error or self.scale is not None or self.precision is None:
+        if self.failure is None or self.error or self.scale is not None or self.findings or self.precision is None:
             return None
         return self.precision.effective
 
@@ -212,6 +213,9 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
             lo = mid
     s.failure, s.first_fails_at = s.failure.prefix(hi), hi
     s.message = s.failing(s.failure, refs) or ""
+    if s.stage is Stage.FORMULA and not s.error:
+        s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, reach(s.rewrite, s.backend, s.dtype, s.failure))
+        s.message += "".join(f"; {f['text']}" for f in s.findings)
     if s.stage is Stage.FORMULA and not s.error and s.kept:
         fit = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
         if fit is not None:

@@ -4,7 +4,7 @@ that says whether a verdict contradicts a claim."""
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 
 
@@ -87,6 +87,7 @@ class Result:
     witness: str | None = None  # for an `unstable` or `imprecise` claim: a claim dtype where the search found it
     precision: str | None = None  # `imprecise`: the lower precision whose bound held on every failing example
     cut_to: int | None = None  # the backend ran a per-token loop on each problem's first cut_to tokens only
+    diagnosis: list[dict] = field(default_factory=list)  # findings on the counterexample (diagnose.py)
 
     @property
     def claim_holds(self) -> bool:
