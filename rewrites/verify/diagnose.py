@@ -9,10 +9,14 @@ inputs as the backend rounded them (`oracles.reference.truth_for`):
   formula, whatever its size: x1.01 and x(1 + 2^-10) included.
 - `Precision`: the evidence for `imprecise`. A failing output that stays within the bound
   derived for a lower precision p (float32, float16, bfloat16) is what p arithmetic gives;
-  p is the effective precision if that holds on every failing output of the search whose
-  p-bound is informative: finite (once logits leave p's range it is infinite) and below
-  1/16 of the output's magnitude (a wider bound would excuse any formula: such outputs are
-  no evidence either way).
+  p is the effective precision if that holds on every failing output kept (the search's
+  first failure and its latest three: shrinks and prefixes of the bisection) whose p-bound
+  is informative: finite (once logits leave p's range it is infinite) and below 1/16 of
+  the output's magnitude (a wider bound would excuse any formula: such outputs are no
+  evidence either way). Outputs of more than 200,000 elements (x plus the scores) are not
+  checked: their bounds take seconds, and shrinking gives short failures of any rewrite
+  that fails at every length. A failure with a finding (a future leak, mixed batch items)
+  is never imprecise.
   Passing outputs need no check: the bound of p is wider than their dtype's.
 """
 
@@ -35,9 +39,9 @@ LOWER = {"float64": ("bfloat16", "float16", "float32"), "float32": ("bfloat16", 
 #: bound as wide as the output itself (large logits in bfloat16) would excuse any formula.
 INFORMATIVE = 1 / 16
 #: log2 of the scale factors tried on a coarse grid before refining: 1/64 .. 64.
-_GRID = np.arange(-6.0, 6.0 + 1e-9, 1 / 32)
-_REFINE_STEPS = 80  # golden-section steps: the grid's 1/32 down to below float64's resolution
-_MAX_SIZE = 2_000_000  # problems larger than this (elements of x and the scores) are not fitted
+_GRID = np.arange(-6.0, 6.0 + 1e-9, 1 / 8)
+_REFINE_STEPS = 75  # golden-section steps: the grid's 1/8 down to below float64's resolution
+_MAX_SIZE = 200_000  # failures larger than this (elements of x and the scores) are not fitted
 
 
 def _scaled(problem: AttentionProblem, c: float) -> AttentionProblem:
@@ -56,12 +60,13 @@ def scale_factor(
     attention at some factor c != 1 times the scale (c may depend on the shape:
     1/sqrt(n_head) for a scale by n_embd); c from the failure that pins it best (the
     largest error/bound at c = 1). None if one has no such c in 1/64..64. Every failure
-    must fit: a shrunk one of two tokens has one degree of freedom a row, and any small
-    error fits some scale there."""
-    if not failures or any(size(p) > _MAX_SIZE for p, _ in failures):
+    (up to _MAX_SIZE) must fit: a shrunk one of two tokens has one degree of freedom a
+    row, and any small error fits some scale there."""
+    small = [(p, out) for p, out in failures if size(p) <= _MAX_SIZE]
+    if not small:
         return None
     fits = []
-    for problem, out in failures:
+    for problem, out in small:
         fit = _fit(problem, out, backend, dtype, rows)
         if fit is None:
             return None
@@ -121,6 +126,8 @@ class Precision:
         """One failing output: rule out each candidate whose finite bound it leaves."""
         if not self.alive:
             return
+        if size(problem) > _MAX_SIZE:
+            return  # no evidence either way: a long problem's three bounds take seconds
         truth = truth_for(problem, backend, self.dtype)
         for i, p in enumerate(self.alive):
             tolerance = (truth.bound(p) + truth.bound("float64"))[rows]

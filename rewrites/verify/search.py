@@ -93,9 +93,8 @@ class Search:
         if self.stage is Stage.FORMULA and o.nonfinite:
             self.error = self.error or f"returned NaN or inf on moderate {self.dtype} inputs"
             return self._found(f"error: {self.error}")
-        if o.ratio > 1 and self.precision is not None:
-            self.precision.add(o.out, problem, self.backend, output_rows(self.rewrite))
-            self.kept[1:] = [(problem, o.out)]
+        if o.ratio > 1 and self.precision is not None:  # the first failure and the latest three
+            self.kept[1:] = [*self.kept[1:], (problem, o.out)][-KEPT_LATEST:]
         if o.ratio > 1:
             what = "non-finite output" if o.nonfinite else f"error {o.abs_error:.3g} is {o.ratio:.3g}x the bound"
             return self._found(f"{what} in {self.dtype}")
@@ -123,6 +122,7 @@ def without_local_constants() -> None:
 
 
 SHRINK_EXAMPLES_PER_EXAMPLE = 4
+KEPT_LATEST = 3  # failures kept for the diagnosis besides the first
 
 
 class _ShrinkBudgetSpent(Exception):
@@ -216,7 +216,13 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
     if s.stage is Stage.FORMULA and not s.error:
         s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, reach(s.rewrite, s.backend, s.dtype, s.failure))
         s.message += "".join(f"; {f['text']}" for f in s.findings)
-    if s.stage is Stage.FORMULA and not s.error and s.kept:
+    if s.stage is Stage.FORMULA and not s.error and not s.findings and s.precision is not None:
+        for run, out in s.kept:  # evidence for `imprecise`: the failures kept (diagnose.Precision)
+            s.precision.add(out, run, s.backend, output_rows(s.rewrite))
+    # A real layer's failure is fitted only when it might otherwise be called imprecise:
+    # the synthetic search's small shrunk failures name the factor (and cost milliseconds).
+    in_question = s.layer is None or (s.precision is not None and s.precision.effective)
+    if s.stage is Stage.FORMULA and not s.error and s.kept and in_question:
         fit = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
         if fit is not None:
             s.scale, on = fit
