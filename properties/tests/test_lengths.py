@@ -39,6 +39,7 @@ def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, ver
     else:
         assert ce.first_fails_at == expected, ce
     assert ce.shape["n_seq"] == ce.first_fails_at  # the saved problem is the cut one
+    assert {"finding": "length threshold", "first_fails_at": ce.first_fails_at}.items() <= r.diagnosis[-1].items()
     assert ce.examples_to_find is not None
 
 

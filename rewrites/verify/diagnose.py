@@ -212,3 +212,17 @@ def _batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, 
         return []
     text = "mixes batch items: changing one batch item changes another's output"
     return [{"finding": "mixes batch items", "text": text}]
+
+
+#: A failure whose shorter prefixes all pass, first failing past this many tokens, has a
+#: length threshold. Arithmetic at a lower precision fails at any length (a float32 softmax
+#: on float64 inputs from 2 tokens on), so such a failure is never `imprecise`.
+LENGTH_THRESHOLD = 16
+
+
+def length_threshold(first_fails_at: int | None) -> list[dict]:
+    """The finding of a failure that starts at an exact length beyond LENGTH_THRESHOLD."""
+    if first_fails_at is None or first_fails_at <= LENGTH_THRESHOLD:
+        return []
+    text = f"a length threshold: fails from n_seq {first_fails_at} on, every shorter prefix passes"
+    return [{"finding": "length threshold", "first_fails_at": first_fails_at, "text": text}]

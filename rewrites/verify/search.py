@@ -215,6 +215,7 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
     s.message = s.failing(s.failure, refs) or ""
     if s.stage is Stage.FORMULA and not s.error:
         s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, reach(s.rewrite, s.backend, s.dtype, s.failure))
+        s.findings += diagnose.length_threshold(s.first_fails_at)
         s.message += "".join(f"; {f['text']}" for f in s.findings)
     if s.stage is Stage.FORMULA and not s.error and not s.findings and s.precision is not None:
         for run, out in s.kept:  # evidence for `imprecise`: the failures kept (diagnose.Precision)
