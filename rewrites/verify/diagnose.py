@@ -150,18 +150,18 @@ class Precision:
 _MAX_POSITIONS = 64  # positions perturbed one at a time (a shrunk counterexample has few)
 
 
-def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
     """What the rewrite's outputs depend on that causal attention's do not, each checked by
     re-running it on `problem` with one input changed: a token changing earlier rows (it
     leaks the future, and how far ahead), one batch item changing another (it mixes batch
-    items). A finding is listed only when its check fires; a rewrite that fails, or
+    items); `base` is its output on `problem`, already computed. A finding is listed only
+    when its check fires; a rewrite that fails, or
     returns only the last row, is not probed."""
-    from rewrites.verify.execute import RewriteFailed, run_rewrite
+    from rewrites.verify.execute import RewriteFailed
 
     if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
         return []
     try:
-        base = run_rewrite(rw, backend, dtype, problem)
         found = _future_leak(rw, backend, dtype, problem, base) + _batch_mixing(rw, backend, dtype, problem, base)
     except RewriteFailed:
         return []

@@ -214,7 +214,8 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
     s.failure, s.first_fails_at = s.failure.prefix(hi), hi
     s.message = s.failing(s.failure, refs) or ""
     if s.stage is Stage.FORMULA and not s.error:
-        s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, reach(s.rewrite, s.backend, s.dtype, s.failure))
+        run, out = s.kept[-1]  # the cut failure as it ran, and its output: no second run
+        s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, run, out)
         s.findings += diagnose.length_threshold(s.first_fails_at)
         s.message += "".join(f"; {f['text']}" for f in s.findings)
     if s.stage is Stage.FORMULA and not s.error and not s.findings and s.precision is not None:
