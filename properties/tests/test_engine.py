@@ -46,6 +46,28 @@ def test_first_failing_length_is_exact(backend, size):
     assert again.failing(s.failure, References()) is not None  # L fails
 
 
+def floor_tiles(tile: int):
+    """Keys in max(1, n_seq // tile) whole tiles: the partial last tile is dropped, so it
+    fails at tile + 1 tokens and passes again at every multiple of `tile`."""
+
+    def fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+        n = q.shape[-2]
+        seen = causal(xp, n) & (xp.arange(n) < tile * max(1, n // tile))  # keys in whole tiles
+        z = xp.where(seen, q @ xp.matrix_transpose(k) / np.sqrt(q.shape[-1]), -np.inf)
+        return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+
+    return rewrite(family="test", claim="equivalent", name=f"floor_tiles_{tile}")(fn)
+
+
+def test_the_cut_finds_the_first_threshold_not_a_later_one(backend):
+    """A fault that passes again at longer lengths: bisecting 257 tokens alone meets the
+    threshold at 241 (240 = 15 whole tiles passes); the ladder's rungs find the first, 17."""
+    s = sweep([(0, _dense(257))], Search(floor_tiles(16), backend, "float64", Stage.FORMULA), References())
+    assert s.failure is not None and s.first_fails_at == 17 == s.failure.n_seq
+    assert Search(floor_tiles(16), backend, "float64", Stage.FORMULA).failing(s.failure.prefix(16), References()) is None
+
+
 def test_a_correct_rewrite_is_not_cut(backend):
     """What must not be flagged: a window wider than the input is plain attention."""
     s = sweep([(0, _dense(40))], Search(window(64), backend, "float64", Stage.FORMULA), References())

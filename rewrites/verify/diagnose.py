@@ -224,5 +224,6 @@ def length_threshold(first_fails_at: int | None) -> list[dict]:
     """The finding of a failure that starts at an exact length beyond LENGTH_THRESHOLD."""
     if first_fails_at is None or first_fails_at <= LENGTH_THRESHOLD:
         return []
-    text = f"a length threshold: fails from n_seq {first_fails_at} on, every shorter prefix passes"
+    n = first_fails_at
+    text = f"a length threshold: fails at n_seq {n}; its first {n - 1} tokens pass, as do the ladder's shorter lengths"
     return [{"finding": "length threshold", "first_fails_at": first_fails_at, "text": text}]

@@ -18,6 +18,7 @@ from hypothesis.errors import NoSuchExample
 
 from oracles.problem import AttentionProblem
 from oracles.reference import size
+from properties.strategies import LENGTH_LADDER
 from rewrites.verify import diagnose
 from rewrites.verify.execute import References, RewriteFailed, outcome, output_rows, reach
 
@@ -201,10 +202,21 @@ def sweep(problems: Iterable[tuple[int, AttentionProblem]], s: Search, refs: Ref
 
 
 def _cut_to_first_failing_length(s: Search, refs: References) -> None:
-    """Bisect over prefixes of the failure (causal attention makes a prefix a problem of its
-    own) for the length L whose prefix fails while the prefix of L - 1 passes; the failure
-    becomes that prefix. Invariant: prefix `lo` passes (0 tokens trivially), `hi` fails."""
+    """Cut the failure to a prefix (causal attention makes a prefix a problem of its own)
+    of length L that fails while its prefix of L - 1 passes. A fault need not grow with
+    length (floor division drops a partial tile at 65 tokens, not at 1024), so the rungs of
+    LENGTH_LADDER below the failure's length are tried first, shortest first, and the first
+    that fails is bisected down from the rung below it: the cut lands at the first
+    threshold the ladder crosses, not at whichever one a bisection of the whole length
+    meets. Invariant: prefix `lo` passes (0 tokens trivially), `hi` fails."""
     lo, hi = 0, s.failure.n_seq
+    for rung in LENGTH_LADDER:
+        if rung >= hi:
+            break
+        if s.failing(s.failure.prefix(rung), refs) is not None:
+            hi = rung
+            break
+        lo = rung
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if s.failing(s.failure.prefix(mid), refs) is not None:
