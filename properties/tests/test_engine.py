@@ -65,7 +65,8 @@ def test_the_cut_finds_the_first_threshold_not_a_later_one(backend):
     threshold at 241 (240 = 15 whole tiles passes); the ladder's rungs find the first, 17."""
     s = sweep([(0, _dense(257))], Search(floor_tiles(16), backend, "float64", Stage.FORMULA), References())
     assert s.failure is not None and s.first_fails_at == 17 == s.failure.n_seq
-    assert Search(floor_tiles(16), backend, "float64", Stage.FORMULA).failing(s.failure.prefix(16), References()) is None
+    again = Search(floor_tiles(16), backend, "float64", Stage.FORMULA)
+    assert again.failing(s.failure.prefix(16), References()) is None
 
 
 def test_a_correct_rewrite_is_not_cut(backend):
