@@ -161,18 +161,32 @@ class Truth:
 
 def ground_truth(problem: AttentionProblem, x_error: np.ndarray | None = None) -> Truth:
     """Attention in float64, written independently of the three backend oracles."""
+    qkv, z, p, o, out = _attention(problem, mask_offset=0)
+    return Truth(problem, out, qkv, z, p, o, x_error)
+
+
+def variant(problem: AttentionProblem, *, mask_offset: int) -> np.ndarray:
+    """The output [..., n_seq, n_embd] of attention whose row i sees keys j <= i + mask_offset
+    (-1: not itself; n_seq: every key), in float64: a wrong formula the diagnosis compares a
+    failure with. A row that sees no key is NaN."""
+    return _attention(problem, mask_offset)[-1]
+
+
+def _attention(problem: AttentionProblem, mask_offset: int) -> tuple[np.ndarray, ...]:
+    """qkv, z, p, o, out of attention masked at `mask_offset` (0: causal), in float64."""
     x, w, b, wo, bo = (np.asarray(a, np.float64) for a in problem.arrays())
     n_seq, hd = problem.n_seq, problem.head_dim
     qkv = x @ w + b  # [..., n_seq, 3*n_embd]
     q, k, v = (_heads(t, problem.n_head) for t in np.split(qkv, 3, axis=-1))  # [..., H, n_seq, hd]
     z = np.einsum("...qd,...kd->...qk", q, k) / math.sqrt(hd)  # [..., H, n_seq, n_seq]
-    z = np.where(np.tri(n_seq, dtype=bool), z, -np.inf)
-    zmax = z.max(axis=-1, keepdims=True)  # the diagonal is never masked, so finite
-    lse = zmax + np.log(np.exp(z - zmax).sum(axis=-1, keepdims=True))
-    p = np.exp(z - lse)  # [..., H, n_seq, n_seq]
+    z = np.where(np.tri(n_seq, k=mask_offset, dtype=bool), z, -np.inf)
+    with np.errstate(invalid="ignore"):  # causal: the diagonal is never masked, so finite
+        zmax = z.max(axis=-1, keepdims=True)  # [..., H, n_seq, 1]
+        lse = zmax + np.log(np.exp(z - zmax).sum(axis=-1, keepdims=True))
+        p = np.exp(z - lse)  # [..., H, n_seq, n_seq]
     o = _merge(p @ v)  # [..., n_seq, n_embd]
-    out = o @ wo + bo
-    return Truth(problem, out, qkv, z, p, o, x_error)
+    out = o @ wo + bo  # [..., n_seq, n_embd]
+    return qkv, z, p, o, out
 
 
 # --- the pre-LN block x + attn(ln_1(x)) -------------------------------------------------

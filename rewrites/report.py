@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from rewrites import page
 from rewrites.verify import LEGEND, Inputs, Result, Verdict
 
 
@@ -205,33 +206,9 @@ def read_jsonl(path: Path) -> list[Result]:
 
 
 def _html(results: Sequence[Result], meta: dict) -> str:
-    colours = {"B": "#b7e1cd", "E": "#d9ead3", "U": "#fce8b2", "I": "#f4c7c3", "X": "#c9c9c9"}
-    top = "".join(f"<p><b>{html.escape(line)}</b></p>" for line in headline(meta).split("\n\n") if line)
-    body = [f"<h1>attention-rewrites verdicts</h1>{top}<p>{html.escape(json.dumps(meta))}</p><p>{LEGEND}</p>"]
-    for inputs in Inputs:
-        header, rows = matrix(results, inputs)
-        if not rows:
-            continue
-        body.append(f"<h2>{inputs} inputs</h2><table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header))
-        for row in rows:
-            tds = "".join(f"<td>{html.escape(c)}</td>" for c in row[:3])
-            tds += "".join(
-                f'<td style="background:{colours.get(c[:1], "#fff")}">{html.escape(c)}</td>' for c in row[3:]
-            )
-            body.append(f"<tr>{tds}</tr>")
-        body.append("</table>")
-    body.append("<h2>Counterexamples</h2><ul>")
-    for r in results:
-        if r.counterexample and r.dtype == "float32":
-            ce = r.counterexample
-            body.append(
-                f"<li><b>{html.escape(r.rewrite)}</b> {r.backend} ({r.inputs}): "
-                f"{html.escape(ce.message)} <code>{html.escape(ce.replay or '')}</code></li>"
-            )
-    body.append("</ul>")
-    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font:12px monospace}"
-    head = f"<!doctype html><html><head><meta charset=utf-8><style>{style}</style></head>"
-    return f"{head}<body>{''.join(body)}</body></html>"
+    titles = {Inputs.HYPOTHESIS: "Verdicts on Hypothesis inputs", Inputs.GPT2: "Verdicts on the real GPT-2 layers"}
+    tables = [(titles[inputs], *matrix(results, inputs)) for inputs in Inputs]
+    return page.render(results, meta, headline(meta), [t for t in tables if t[2]])
 
 
 BENCH_MARK = "<!-- bench -->"

@@ -8,20 +8,26 @@ inputs as the backend rounded them (`oracles.reference.truth_for`):
   attention with logits q.k / sqrt(head_dim) * c (c != 1). A scale error is a wrong
   formula, whatever its size: x1.01 and x(1 + 2^-10) included.
 - `Precision`: the evidence for `imprecise`. A failing output that stays within the bound
-  derived for a lower precision p (float32, float16, bfloat16) is what p arithmetic gives;
-  p is the effective precision if that holds on every failing output kept (the search's
-  first failure and its latest three: shrinks and prefixes of the bisection) whose p-bound
-  is informative: finite (once logits leave p's range it is infinite) and below 1/16 of
-  the output's magnitude (a wider bound would excuse any formula: such outputs are no
-  evidence either way). Outputs of more than 200,000 elements (x plus the scores) are not
-  checked: their bounds take seconds, and shrinking gives short failures of any rewrite
-  that fails at every length. A failure with a finding (a future leak, mixed batch items)
-  is never imprecise.
-  Passing outputs need no check: the bound of p is wider than their dtype's.
+  derived for a lower precision p (float32 or float16) is what p arithmetic gives; p is
+  the effective precision if that holds on every failing output kept (the search's first
+  failure and its latest three: shrinks and prefixes of the bisection) whose p-bound is
+  informative: finite (once logits leave p's range it is infinite) and below 1/16 of the
+  output's magnitude (a wider bound would excuse any formula: such outputs are no
+  evidence either way), and also on `evidence_problem()`, where p's bound must be
+  informative: shrinking drives failures towards tiny values, where a formula error looks
+  like rounding (linear attention on two near-zero tokens stayed within bfloat16's bound).
+  bfloat16 is no candidate: its worst-case bound is over a third of the output even on
+  that 8-token problem (0.35; float16's 0.046), so no output can show that a computation
+  is bfloat16 arithmetic rather than a wrong formula. Outputs of more than 200,000
+  elements (x plus the scores) are not checked: their bounds take seconds, and shrinking
+  gives short failures of any rewrite that fails at every length. A failure with a
+  finding (a future leak, mixed batch items) is never imprecise. Passing outputs need no
+  check: the bound of p is wider than their dtype's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,9 +38,11 @@ import numpy as np
 import oracles
 from oracles.problem import AttentionProblem
 from oracles.reference import excess, size, truth_for
+from oracles.truth import variant
 
-#: Lower precisions to try for each dtype, lowest first (a failure there rules out the rest).
-LOWER = {"float64": ("bfloat16", "float16", "float32"), "float32": ("bfloat16", "float16")}
+#: Lower precisions to try for each dtype, lowest first (a failure there rules out the
+#: rest); bfloat16's bound is never informative on the evidence problem (module doc).
+LOWER = {"float64": ("float16", "float32"), "float32": ("float16",)}
 #: A p-bound is evidence only where it is below this fraction of the output's magnitude: a
 #: bound as wide as the output itself (large logits in bfloat16) would excuse any formula.
 INFORMATIVE = 1 / 16
@@ -50,7 +58,7 @@ def _scaled(problem: AttentionProblem, c: float) -> AttentionProblem:
     w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
     w[..., :e] *= c
     b[..., :e] *= c
-    return AttentionProblem(problem.x, w, b, problem.c_proj_w, problem.c_proj_b, problem.n_head)
+    return _with(problem, c_attn_w=w, c_attn_b=b)
 
 
 def scale_factor(
@@ -111,6 +119,17 @@ def describe_factor(c: float) -> str:
     return f"{c:.9g}"
 
 
+def evidence_problem() -> AttentionProblem:
+    """A dense problem of moderate values, 8 tokens and 2 heads of 4, that an `imprecise`
+    verdict must also pass at its effective precision, with that precision's bound
+    informative there (module doc)."""
+    rng = np.random.default_rng(0)
+    n_seq, e = 8, 8
+    w = lambda *shape: rng.normal(size=shape) / math.sqrt(e)
+    return AttentionProblem(rng.normal(size=(n_seq, e)), w(e, 3 * e), w(3 * e), w(e, e), w(e), n_head=2,
+                            label="imprecise evidence: dense, 8 tokens, 2 heads of 4")  # fmt: skip
+
+
 @dataclass
 class Precision:
     """Over one search in `dtype`: which lower precisions every failing output stayed within."""
@@ -123,20 +142,31 @@ class Precision:
         self.alive = list(LOWER.get(self.dtype, ()))
 
     def add(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple = np.s_[...]) -> None:
-        """One failing output: rule out each candidate whose finite bound it leaves."""
-        if not self.alive:
-            return
-        if size(problem) > _MAX_SIZE:
-            return  # no evidence either way: a long problem's three bounds take seconds
-        truth = truth_for(problem, backend, self.dtype)
-        for i, p in enumerate(self.alive):
-            tolerance = (truth.bound(p) + truth.bound("float64"))[rows]
-            if not tolerance.max(initial=0.0) <= INFORMATIVE * np.abs(truth.out[rows]).max(initial=0.0):
-                continue  # outside p's range, or a bound as wide as the output: no evidence either way
-            self.seen.add(p)
-            if excess(out, truth.out[rows], tolerance) > 1:
+        """One failing output: rule out each candidate whose informative bound it leaves."""
+        if not self.alive or size(problem) > _MAX_SIZE:
+            return  # nothing left to rule out, or no evidence either way (a long problem's bounds take seconds)
+        for i, held in enumerate(self._held(out, problem, backend, rows)):
+            if held is False:
                 del self.alive[i:]  # a wider bound failed: the narrower ones fail too
                 return
+            if held:
+                self.seen.add(self.alive[i])
+
+    def confirm(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple = np.s_[...]) -> None:
+        """The output on `evidence_problem()`: a candidate stays only if its bound is informative there and holds."""
+        held = self._held(out, problem, backend, rows)
+        self.alive = [p for p, h in zip(self.alive, held, strict=True) if h]
+
+    def _held(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple) -> list[bool | None]:
+        """For each candidate: whether `out` is within its bound (None: not informative there)."""
+        truth = truth_for(problem, backend, self.dtype)
+        magnitude = np.abs(truth.out[rows]).max(initial=0.0)
+        held: list[bool | None] = []
+        for p in self.alive:
+            tolerance = (truth.bound(p) + truth.bound("float64"))[rows]
+            informative = tolerance.max(initial=0.0) <= INFORMATIVE * magnitude  # finite, and not as wide as the output
+            held.append(excess(out, truth.out[rows], tolerance) <= 1 if informative else None)
+        return held
 
     @property
     def effective(self) -> str | None:
@@ -148,24 +178,114 @@ class Precision:
 # --- findings from the rewrite's behaviour: which inputs reach which outputs ---------------
 
 _MAX_POSITIONS = 64  # positions perturbed one at a time (a shrunk counterexample has few)
+_LEAK_MIN_SEQ = 8  # the leak probe appends tokens to shorter failures: how far ahead needs room
 
 
 def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
-    """What the rewrite's outputs depend on that causal attention's do not, each checked by
-    re-running it on `problem` with one input changed: a token changing earlier rows (it
-    leaks the future, and how far ahead), one batch item changing another (it mixes batch
-    items); `base` is its output on `problem`, already computed. A finding is listed only
-    when its check fires; a rewrite that fails, or
-    returns only the last row, is not probed."""
+    """What is wrong with a formula failure, each finding checked on `problem` (`base` is the
+    rewrite's output on it, already computed), listed only when its check fires:
+    - the output is a known wrong formula within the bound: a bias dropped, a token not
+      seeing itself; for a last-row rewrite, another position's row or query;
+    - re-running the rewrite with one input changed: a key ahead changing a row (it leaks the
+      future, and how far), one batch item changing another, one head's values reaching
+      another head's columns, rows of attention weights not summing to 1.
+    A rewrite that fails on these runs is not probed further."""
     from rewrites.verify.execute import RewriteFailed
 
+    if problem.n_seq > _MAX_POSITIONS:
+        return []
+    truth = truth_for(problem, backend, dtype)
+    if rw.output != "full":
+        return _wrong_last_row(problem, truth, dtype, base)
+    found = _known_variant(problem, truth, dtype, base)
+    try:
+        found += _future_leak(rw, backend, dtype, problem) + _batch_mixing(rw, backend, dtype, problem, base)
+        found += _heads_mixed(rw, backend, dtype, problem)
+        if not found:
+            found += _rows_do_not_sum_to_one(rw, backend, dtype, problem)
+    except RewriteFailed:
+        pass
+    return found
+
+
+def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, out: np.ndarray) -> list[dict]:
+    """What an `unstable` failure (extreme inputs in `dtype`) is: an overflow (the first
+    non-finite row), or a future that leaks back in (a finite mask swamped), each with the
+    logit magnitude it takes."""
+    from rewrites.verify.execute import RewriteFailed
+
+    z = truth_for(problem, backend, dtype).z
+    mag = float(np.abs(z[np.isfinite(z)]).max(initial=0.0))
+    at = f"at logits of about {mag:.0e}"
+    bad = ~np.isfinite(out).reshape(-1, out.shape[-1]).all(axis=-1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0] % out.shape[-2])
+        return [{"finding": "overflow", "row": row, "logits": mag,
+                 "text": f"overflow: a non-finite output from row {row}, {at}"}]  # fmt: skip
     if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
         return []
     try:
-        found = _future_leak(rw, backend, dtype, problem, base) + _batch_mixing(rw, backend, dtype, problem, base)
+        leak = _future_leak(rw, backend, dtype, problem)
     except RewriteFailed:
         return []
-    return found
+    for f in leak:
+        f["logits"], f["text"] = mag, f"{f['text']}, {at}"
+    return leak
+
+
+def _with(problem: AttentionProblem, **arrays: np.ndarray) -> AttentionProblem:
+    return dataclasses.replace(problem, **arrays)
+
+
+def _head_columns(problem: AttentionProblem, h: int) -> np.ndarray:
+    """[n_embd] bool: the columns of head h in q, k, v and the merged output."""
+    cols = np.zeros(problem.n_embd, bool)
+    cols[h * problem.head_dim : (h + 1) * problem.head_dim] = True
+    return cols
+
+
+def _matches(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> bool:
+    """Within the bound on every row that `expected` defines (a row seeing no key is NaN)."""
+    rows = np.isfinite(expected).all(axis=-1)
+    return bool(rows.any()) and excess(out[rows], expected[rows], tolerance[rows]) <= 1
+
+
+def _known_variant(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """The first known wrong formula whose output `base` is, within the bound."""
+    e, tolerance = problem.n_embd, truth.tolerance(dtype)
+    rounded = truth.problem
+    biases = {"query": np.s_[:e], "value": np.s_[2 * e :]}  # a dropped key bias changes nothing
+    for name, cols in biases.items():
+        b = rounded.c_attn_b.copy()
+        b[cols] = 0.0
+        dropped = oracles.ground_truth(_with(rounded, c_attn_b=b)).out
+        if np.any(rounded.c_attn_b[cols]) and _matches(base, dropped, tolerance):
+            return [{"finding": "missing bias", "bias": name, "text": f"a missing bias: the {name} bias is dropped"}]
+    if np.any(rounded.c_proj_b):
+        if _matches(base, oracles.ground_truth(_with(rounded, c_proj_b=np.zeros(e))).out, tolerance):
+            return [{"finding": "missing bias", "bias": "output", "text": "a missing bias: the output bias is dropped"}]
+    if problem.n_seq > 1 and _matches(base, variant(rounded, mask_offset=-1), tolerance):
+        text = "a token does not see itself: row i attends to keys before i"
+        return [{"finding": "does not see itself", "text": text}]
+    return []
+
+
+def _wrong_last_row(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """A last-row rewrite whose row is row r of attention, or attention with r's query over every key."""
+    n, tolerance = problem.n_seq, truth.tolerance(dtype)[..., -1:, :]
+    every_key = variant(truth.problem, mask_offset=n)  # row r: query r, keys 0 .. n - 1
+    for r in range(n - 1):
+        for out, what in ((truth.out, f"position {r}'s output"), (every_key, f"the query of position {r}")):
+            if _matches(base, out[..., r : r + 1, :], tolerance):
+                return [{"finding": "wrong last row", "row": r, "text": f"the last row is computed with {what}"}]
+    return []
+
+
+def _run(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray]:
+    """The rewrite's output on `problem` and the bound it is held to there."""
+    from rewrites.verify.execute import run_rewrite
+
+    return run_rewrite(rw, backend, dtype, problem), truth_for(problem, backend, dtype).tolerance(dtype)
 
 
 def _changed(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
@@ -175,43 +295,104 @@ def _changed(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
     return far.any(axis=-1)
 
 
-def _perturbed(problem: AttentionProblem, where: tuple) -> AttentionProblem:
-    """The problem with x changed at `where` (a token, or a batch item): new values of its scale."""
-    x = problem.x.copy()
-    rng = np.random.default_rng(0)
-    x[where] = rng.normal(size=x[where].shape) * max(float(np.abs(problem.x).max()), 1e-3) + 1.0
-    return AttentionProblem(x, *problem.arrays()[1:], n_head=problem.n_head, label=problem.label)
+def _new_values(like: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Values of `like`'s scale, none near its own."""
+    return np.random.default_rng(0).normal(size=shape) * max(float(np.abs(like).max()), 1e-3) + 1.0
 
 
-def _future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
-    from rewrites.verify.execute import run_rewrite
-
-    tolerance = truth_for(problem, backend, dtype).tolerance(dtype)
-    ahead, first_row = 0, None
-    for j in range(1, min(problem.n_seq, _MAX_POSITIONS)):
-        out = run_rewrite(rw, backend, dtype, _perturbed(problem, np.s_[..., j, :]))
-        rows = np.flatnonzero(_changed(out, base, tolerance).reshape(-1, problem.n_seq)[:, :j].any(axis=0))
-        if rows.size:
-            ahead = max(ahead, j - int(rows.min()))
-            first_row = int(rows.min()) if first_row is None else min(first_row, int(rows.min()))
-    if not ahead:
+def _future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """Change token j's key and value but not its query (an input feature that the query
+    projection ignores): a row before j that moves sees a key ahead."""
+    w = problem.c_attn_w.copy()
+    w[0, : problem.n_embd] = 0.0  # feature 0 reaches k and v only
+    x = problem.x
+    if x.shape[-2] < _LEAK_MIN_SEQ:  # a shrunk failure of 2 tokens cannot show a leak 2 ahead
+        x = np.concatenate([x, _new_values(x, (*x.shape[:-2], _LEAK_MIN_SEQ - x.shape[-2], x.shape[-1]))], axis=-2)
+    keyed = _with(problem, x=x, c_attn_w=w)
+    base, tolerance = _run(rw, backend, dtype, keyed)
+    seen = []  # [row, key] with key > row: the key reaches the row
+    for j in range(1, keyed.n_seq):
+        x = keyed.x.copy()
+        x[..., j, 0] = _new_values(keyed.x, x[..., j, 0].shape)
+        out, _ = _run(rw, backend, dtype, _with(keyed, x=x))
+        rows = np.flatnonzero(_changed(out, base, tolerance).reshape(-1, keyed.n_seq)[:, :j].any(axis=0))
+        seen += [[int(i), j] for i in rows]
+    if not seen:
         return []
-    return [{"finding": "leaks the future", "ahead": ahead, "first_row": first_row,
-             "text": f"leaks the future: row {first_row} sees a key {ahead} position(s) ahead"}]  # fmt: skip
+    ahead = max(j - i for i, j in seen)
+    first_row = min(i for i, _ in seen)
+    text = f"leaks the future: row {first_row} sees a key {ahead} position(s) ahead"
+    return [{"finding": "leaks the future", "ahead": ahead, "first_row": first_row, "n_seq": keyed.n_seq,
+             "seen": seen, "text": text}]  # fmt: skip
 
 
 def _batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
     """Two copies of the problem as a batch, the second changed: the first must not move."""
-    from rewrites.verify.execute import run_rewrite
-
     pair = np.stack([problem.x, problem.x])  # [2, ..., n_seq, n_embd]
-    batched = AttentionProblem(pair, *problem.arrays()[1:], n_head=problem.n_head, label=problem.label)
-    out = run_rewrite(rw, backend, dtype, _perturbed(batched, np.s_[1]))
-    tolerance = truth_for(problem, backend, dtype).tolerance(dtype)
-    if not _changed(out[0], base, tolerance).any():
+    pair[1] = _new_values(problem.x, pair[1].shape)
+    out, _ = _run(rw, backend, dtype, _with(problem, x=pair))
+    if not _changed(out[0], base, truth_for(problem, backend, dtype).tolerance(dtype)).any():
         return []
     text = "mixes batch items: changing one batch item changes another's output"
     return [{"finding": "mixes batch items", "text": text}]
+
+
+def _heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """With c_proj the identity the output is the merged heads; with only head h's values
+    nonzero, only head h's columns may be nonzero. Which heads' columns does each reach?"""
+    if problem.n_head < 2:
+        return []
+    e = problem.n_embd
+    lands = []
+    for h in range(problem.n_head):
+        w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
+        others = 2 * e + np.flatnonzero(~_head_columns(problem, h))
+        w[:, others], b[others] = 0.0, 0.0  # only head h has values
+        one_head = _with(problem, c_attn_w=w, c_attn_b=b, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
+        out, tolerance = _run(rw, backend, dtype, one_head)
+        with np.errstate(all="ignore"):
+            moved = ~(np.abs(out) <= tolerance)  # the truth is exactly 0 outside head h's columns
+        heads = sorted({int(c) // problem.head_dim for c in np.flatnonzero(moved.reshape(-1, e).any(axis=0))})
+        if heads and heads != [h]:
+            lands.append({"head": h, "columns_of": heads})
+    if not lands:
+        return []
+    moved = all(len(x["columns_of"]) == 1 for x in lands)
+    name = "reorders heads" if moved else "mixes heads"
+    heads = lambda x: ", ".join(map(str, x["columns_of"]))
+    said = "; ".join(f"head {x['head']}'s values reach the columns of head(s) {heads(x)}" for x in lands)
+    return [{"finding": name, "heads": lands, "text": f"{name}: {said}"}]
+
+
+def _rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """Every token the same and c_proj the identity: correct attention returns each head's
+    value v_h on every row, whatever its weights, as long as they sum to 1. A row that is
+    s v_h with s != 1 (within the bound) sums to s."""
+    e, hd = problem.n_embd, problem.head_dim
+    same = np.broadcast_to(problem.x[..., :1, :], problem.x.shape).copy()
+    probe = _with(problem, x=same, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
+    out, tolerance = _run(rw, backend, dtype, probe)
+    v = truth_for(probe, backend, dtype).out  # [..., n_seq, n_embd]: v_h in head h's columns, every row
+    if not _changed(out, v, tolerance).any():
+        return []
+    split = lambda a: a.reshape(*a.shape[:-1], problem.n_head, hd)  # [..., n_seq, H, hd]
+    with np.errstate(all="ignore"):
+        sums = (split(out) * split(v)).sum(-1) / (split(v) ** 2).sum(-1)  # [..., n_seq, H]
+        fitted = (sums[..., None] * split(v)).reshape(out.shape)
+    if not np.isfinite(sums).all() or excess(out, fitted, tolerance) > 1:
+        return []
+    lo, hi = float(sums.min()), float(sums.max())
+    return [{"finding": "rows do not sum to 1", "min": lo, "max": hi,
+             "text": f"rows of attention weights do not sum to 1: they sum to {lo:.3g} .. {hi:.3g}"}]  # fmt: skip
+
+
+def unexplained(problem: AttentionProblem) -> dict:
+    """A formula failure that no check explains: said so, rather than naming a wrong fault."""
+    if problem.n_seq > _MAX_POSITIONS:
+        text = f"not probed: the failure has {problem.n_seq} tokens, the probes stop at {_MAX_POSITIONS}"
+    else:
+        text = "no single known fault (a scale, a mask, a bias, heads, batch items, row sums, precision) explains it"
+    return {"finding": "no known fault", "text": text}
 
 
 #: A failure whose shorter prefixes all pass, first failing past this many tokens, has a
@@ -220,10 +401,23 @@ def _batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, 
 LENGTH_THRESHOLD = 16
 
 
-def length_threshold(first_fails_at: int | None) -> list[dict]:
-    """The finding of a failure that starts at an exact length beyond LENGTH_THRESHOLD."""
+def length_threshold(
+    first_fails_at: int | None, problem: AttentionProblem, out: np.ndarray, backend: str, dtype: str, rows: tuple
+) -> list[dict]:
+    """The finding of a failure that starts at an exact length beyond LENGTH_THRESHOLD, with
+    its error/bound by position (`out` is the rewrite's output on `problem`, cut there)."""
     if first_fails_at is None or first_fails_at <= LENGTH_THRESHOLD:
         return []
+    truth = truth_for(problem, backend, dtype)
+    with np.errstate(all="ignore"):
+        diff = np.abs(out - truth.out[rows])  # [..., n_seq | 1, n_embd]
+        ratio = np.where(
+            np.isnan(diff),
+            np.inf,
+            np.divide(diff, truth.tolerance(dtype)[rows], where=diff > 0, out=np.zeros_like(diff)),
+        )
+    by_row = ratio.max(axis=-1).reshape(-1, ratio.shape[-2]).max(axis=0)  # [n_seq | 1]
     n = first_fails_at
     text = f"a length threshold: fails at n_seq {n}; its first {n - 1} tokens pass, as do the ladder's shorter lengths"
-    return [{"finding": "length threshold", "first_fails_at": first_fails_at, "text": text}]
+    return [{"finding": "length threshold", "first_fails_at": n, "error_by_row": [float(f"{r:.3g}") for r in by_row],
+             "text": text}]  # fmt: skip

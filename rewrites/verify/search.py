@@ -20,7 +20,7 @@ from oracles.problem import AttentionProblem
 from oracles.reference import size
 from properties.strategies import LENGTH_LADDER
 from rewrites.verify import diagnose
-from rewrites.verify.execute import References, RewriteFailed, outcome, output_rows, reach
+from rewrites.verify.execute import References, RewriteFailed, outcome, output_rows, reach, run_rewrite
 
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
@@ -55,7 +55,7 @@ class Search:
     last_ratio: float = 0.0  # of the latest example (what Hypothesis's `target` climbs)
     bitwise: bool = True
     seconds: float = 0.0
-    kept: list[tuple] = field(default_factory=list)  # FORMULA: (problem as run, output), first and latest failures
+    kept: list[tuple] = field(default_factory=list)  # (problem as run, output): the first and latest failures
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
     precision: diagnose.Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
     scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
@@ -94,7 +94,7 @@ class Search:
         if self.stage is Stage.FORMULA and o.nonfinite:
             self.error = self.error or f"returned NaN or inf on moderate {self.dtype} inputs"
             return self._found(f"error: {self.error}")
-        if o.ratio > 1 and self.precision is not None:  # the first failure and the latest three
+        if o.ratio > 1:  # the first failure and the latest three, for the diagnosis
             self.kept[1:] = [*self.kept[1:], (problem, o.out)][-KEPT_LATEST:]
         if o.ratio > 1:
             what = "non-finite output" if o.nonfinite else f"error {o.abs_error:.3g} is {o.ratio:.3g}x the bound"
@@ -225,24 +225,40 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
             lo = mid
     s.failure, s.first_fails_at = s.failure.prefix(hi), hi
     s.message = s.failing(s.failure, refs) or ""
-    if s.stage is Stage.FORMULA and not s.error:
-        run, out = s.kept[-1]  # the cut failure as it ran, and its output: no second run
-        s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, run, out)
-        s.findings += diagnose.length_threshold(s.first_fails_at)
+    if not s.error:
+        _diagnose(s)
+
+
+def _diagnose(s: Search) -> None:
+    """What the cut failure is (diagnose.py): s.findings, s.scale, s.precision, the message."""
+    run, out = s.kept[-1]  # the cut failure as it ran, and its output: no second run
+    if s.stage is Stage.DTYPE:
+        s.findings = diagnose.instability(s.rewrite, s.backend, s.dtype, run, out)
         s.message += "".join(f"; {f['text']}" for f in s.findings)
-    if s.stage is Stage.FORMULA and not s.error and not s.findings and s.precision is not None:
-        for run, out in s.kept:  # evidence for `imprecise`: the failures kept (diagnose.Precision)
-            s.precision.add(out, run, s.backend, output_rows(s.rewrite))
+        return
+    s.findings = diagnose.findings(s.rewrite, s.backend, s.dtype, run, out)
+    s.findings += diagnose.length_threshold(s.first_fails_at, run, out, s.backend, s.dtype, output_rows(s.rewrite))
+    if not s.findings and s.precision is not None:
+        for p, o in s.kept:  # evidence for `imprecise`: the failures kept (diagnose.Precision)
+            s.precision.add(o, p, s.backend, output_rows(s.rewrite))
+        if s.precision.effective:  # and a problem where a formula error cannot pass for rounding
+            dense = reach(s.rewrite, s.backend, s.dtype, diagnose.evidence_problem())
+            try:
+                out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
+            except RewriteFailed:
+                out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
+            s.precision.confirm(out, dense, s.backend, output_rows(s.rewrite))
     # A real layer's failure is fitted only when it might otherwise be called imprecise:
     # the synthetic search's small shrunk failures name the factor (and cost milliseconds).
-    in_question = s.layer is None or (s.precision is not None and s.precision.effective)
-    if s.stage is Stage.FORMULA and not s.error and s.kept and in_question:
+    if s.layer is None or (s.precision is not None and s.precision.effective):
         fit = diagnose.scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
         if fit is not None:
             s.scale, on = fit
-            s.message += (
-                f"; it is attention with the logits scaled by {diagnose.describe_factor(s.scale)}"
-                f" (n_head={on.n_head}, head_dim={on.head_dim})"
-            )
-        elif s.effective_precision:
-            s.message += f"; within the {s.effective_precision} bound on every failing example"
+            c = diagnose.describe_factor(s.scale)
+            text = f"it is attention with the logits scaled by {c} (n_head={on.n_head}, head_dim={on.head_dim})"
+            s.findings.append({"finding": "scale", "factor": s.scale, "text": text})
+    if not s.findings and s.effective_precision:
+        s.message += f"; within the {s.effective_precision} bound on every failing example"
+    elif not s.findings:
+        s.findings = [diagnose.unexplained(run)]
+    s.message += "".join(f"; {f['text']}" for f in s.findings)
