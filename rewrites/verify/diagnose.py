@@ -418,6 +418,6 @@ def length_threshold(
         )
     by_row = ratio.max(axis=-1).reshape(-1, ratio.shape[-2]).max(axis=0)  # [n_seq | 1]
     n = first_fails_at
-    text = f"a length threshold: fails at n_seq {n}; its first {n - 1} tokens pass, as do the ladder's shorter lengths"
+    text = f"a length threshold: fails at n_seq {n}, its first {n - 1} tokens pass"
     return [{"finding": "length threshold", "first_fails_at": n, "error_by_row": [float(f"{r:.3g}") for r in by_row],
              "text": text}]  # fmt: skip

@@ -62,7 +62,7 @@ class Verifier:
             profile = self.config.profile
             bands = profile.moderate if stage is Stage.FORMULA else profile.extreme_for(dtype)
             explicit = ([first.failure] if first else []) + self._known_hard[stage]
-            s = Search(rw, backend, dtype, stage)
+            s = Search(rw, backend, dtype, stage, cut_hint=first.first_fails_at if first else None)
             return hypothesis_search(bands, s, self.refs, self.config.examples, explicit)
 
         return self._results(rw, backend, Inputs.HYPOTHESIS, run)
@@ -81,7 +81,8 @@ class Verifier:
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
-            return sweep(problems, Search(rw, backend, dtype, stage), self.refs)
+            hint = first.first_fails_at if first else None
+            return sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint), self.refs)
 
         return self._results(rw, backend, Inputs.GPT2, run)
 

@@ -57,6 +57,7 @@ class Search:
     seconds: float = 0.0
     kept: list[tuple] = field(default_factory=list)  # (problem as run, output): the first and latest failures
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
+    cut_hint: int | None = None  # the first failing length of the failure this search tries first (decide.py)
     precision: diagnose.Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
     scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
     findings: list[dict] = field(default_factory=list)  # Stage.FORMULA: what diagnose.findings saw
@@ -210,7 +211,9 @@ def _cut_to_first_failing_length(s: Search, refs: References) -> None:
     threshold the ladder crosses, not at whichever one a bisection of the whole length
     meets. Invariant: prefix `lo` passes (0 tokens trivially), `hi` fails."""
     lo, hi = 0, s.failure.n_seq
-    for rung in LENGTH_LADDER:
+    if s.cut_hint == hi > 1 and s.failing(s.failure.prefix(hi - 1), refs) is None:
+        lo = hi - 1  # another dtype's cut failure, reproduced: its exact length holds here too
+    for rung in LENGTH_LADDER if lo == 0 else ():
         if rung >= hi:
             break
         if s.failing(s.failure.prefix(rung), refs) is not None:
