@@ -97,18 +97,20 @@ def _leak_svg(n: int, seen: list[list[int]], size: int = 220) -> str:
 
 
 def _error_svg(by_row: list[float], width: int = 420, height: int = 160) -> str:
-    """log10(error / bound) by position, with the bound (0) drawn: where the failure starts."""
-    logs = [np.log10(r) if r > 0 else -3.0 for r in by_row]
-    logs = [min(max(v, -3.0), 3.0) if np.isfinite(v) else 3.0 for v in logs]  # clipped to 1e-3 .. 1e3
+    """log10(error / bound) by position, 1e-6 to 1e3, with the bound drawn: where the failure starts."""
+    lo, hi = -6.0, 3.0
+    logs = [min(max(float(np.log10(r)), lo), hi) if r > 0 else lo for r in by_row]  # inf -> hi
     n = len(logs)
-    y = lambda v: height * (3.0 - v) / 6.0
+    y = lambda v: height * (hi - v) / (hi - lo)
     points = " ".join(f"{i * width / max(n - 1, 1):.1f},{y(v):.1f}" for i, v in enumerate(logs))
+    labels = "".join(f'<text x="2" y="{min(max(y(v) - 2, 10), height - 2):.1f}" font-size="10" fill="#555">{t}</text>'
+                     for v, t in ((hi, "1e3"), (0.0, "bound"), (lo, "1e-6")))  # fmt: skip
     svg = (
         f'<svg width="{width}" height="{height}" style="border:1px solid #999">'
         f'<line x1="0" x2="{width}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#999" stroke-dasharray="4"/>'
-        f'<polyline points="{points}" fill="none" stroke="#d33"/></svg>'
+        f'<polyline points="{points}" fill="none" stroke="#d33"/>{labels}</svg>'
     )
-    caption = f"error / bound by position 0..{n - 1} (log scale 1e-3..1e3; dashed: the bound)"
+    caption = f"error / bound by position 0..{n - 1} (log scale; dashed: the bound)"
     return f"<figure>{svg}<figcaption>{caption}</figcaption></figure>"
 
 
