@@ -76,8 +76,23 @@ def summary(results: Sequence[Result]) -> str:
         for r in bad
     ]
     parts.append(LEGEND)
+    found = diagnoses(results)
+    if found:
+        parts.append("What is wrong (the first failing verdict's findings, per rewrite):\n" + "\n".join(found))
     parts.append(f"{len(bad)} contradicted claim(s)" + (":\n" + "\n".join(lines) if lines else ""))
     return "\n\n".join(parts)
+
+
+def diagnoses(results: Sequence[Result]) -> list[str]:
+    """One line per rewrite with a diagnosis: its first failing verdict's findings (the
+    page has every dtype's)."""
+    lines, seen = [], set()
+    for r in results:
+        if r.diagnosis and r.rewrite not in seen:
+            seen.add(r.rewrite)
+            said = "; ".join(f["text"] for f in r.diagnosis)
+            lines.append(f"  {r.rewrite}: {said} ({r.backend} {r.dtype}, {r.inputs})")
+    return lines
 
 
 def mutant_table(results: Sequence[Result]) -> str:

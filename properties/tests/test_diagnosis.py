@@ -260,3 +260,5 @@ def test_the_page_shows_the_verdicts_first_then_each_diagnosis_with_its_picture(
         assert html.escape(r.diagnosis[0]["text"]) in page
     assert page.count('fill="#d33"') == len(leak.diagnosis[0]["seen"])  # one red cell per key seen ahead
     assert "x = [" in page  # a small counterexample's values in full
+    markdown = (tmp_path / "verdicts.md").read_text()  # and one line per rewrite in verdicts.md and the terminal
+    assert all(f"{r.rewrite}: {r.diagnosis[0]['text']}" in markdown for r in (leak, unknown))
