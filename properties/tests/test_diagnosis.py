@@ -187,6 +187,9 @@ def mask_shifted_by_two(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 #: name -> (the finding its float64 counterexample must have, the rewrite); every other finding absent
 ONE_FINDING = {
+    "no_causal_mask": "leaks the future",
+    "mask_off_by_one": "leaks the future",
+    "scale_one_over_head_dim": "scale",
     "softmax_wrong_axis": "rows do not sum to 1",
     "heads_merged_wrong_order": "mixes heads",
     "value_bias_dropped": "missing bias",
