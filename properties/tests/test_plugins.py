@@ -132,20 +132,27 @@ def test_a_plugin_cannot_take_a_built_in_name(site):
     assert clash and "already taken by built-in" in clash[0].load_error
 
 
-def test_a_core_level_plugin_is_verified_and_a_wrong_one_is_caught(site, tmp_path):
-    """`level="core"`: fn(q, k, v) with the projections supplied; the README's example holds
-    its claim, the same kernel without its mask is inequivalent."""
+MASK_LINE = "    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)\n"
+
+
+def install_core_plugins(site: Path) -> None:
+    """The README's core-level plugin, `my_core_attention`, and the same kernel without its
+    mask line, `my_core_no_mask`, as one installed distribution in `site`."""
     good = readme_block("my-core/my_core.py")
-    no_mask = good.replace("my_core_attention", "my_core_no_mask").replace(
-        "    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)\n", ""
-    )
-    assert no_mask != good.replace("my_core_attention", "my_core_no_mask")  # the mask line was there
+    assert MASK_LINE in good, "the README's core-level example lost its mask line"
+    no_mask = good.replace("my_core_attention", "my_core_no_mask").replace(MASK_LINE, "")
     fake_distribution(
         site,
         "my-core",
         {"my_core_attention": "my_core:my_core_attention", "my_core_no_mask": "my_core_bad:my_core_no_mask"},
         {"my_core.py": good, "my_core_bad.py": no_mask},
     )
+
+
+def test_a_core_level_plugin_is_verified_and_a_wrong_one_is_caught(site, tmp_path):
+    """`level="core"`: fn(q, k, v) with the projections supplied; the README's example holds
+    its claim, the same kernel without its mask is inequivalent."""
+    install_core_plugins(site)
     found = {r.name: r for r in registry.plugins()}
     assert found["my_core_attention"].level == "core" and found["my_core_attention"].load_error is None
     results = Verifier(Config(examples=10, report_dir=tmp_path / "report")).verify(

@@ -6,25 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from properties.tests.test_plugins import fake_distribution, readme_block
+from properties.tests.test_plugins import install_core_plugins
 from rewrites.pytest_plugin import RewriteClaimFailed, assert_rewrite
 
 
 @pytest.fixture
 def plugin_site(tmp_path):
     """A site folder holding the README's core-level plugin and the same kernel without its mask."""
-    site = tmp_path / "site"
-    good = readme_block("my-core/my_core.py")
-    bad = good.replace("my_core_attention", "my_core_no_mask").replace(
-        "    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)\n", ""
-    )
-    fake_distribution(
-        site,
-        "my-core",
-        {"my_core_attention": "my_core:my_core_attention", "my_core_no_mask": "my_core_bad:my_core_no_mask"},
-        {"my_core.py": good, "my_core_bad.py": bad},
-    )
-    return site
+    install_core_plugins(tmp_path / "site")
+    return tmp_path / "site"
 
 
 def test_pytest_attention_rewrites_in_a_plugin_authors_folder(pytester, plugin_site, monkeypatch):
@@ -46,31 +36,26 @@ def test_pytest_without_the_flag_collects_no_rewrites(pytester, plugin_site, mon
     assert result.ret == pytest.ExitCode.NO_TESTS_COLLECTED
 
 
-def _with_mask(q, k, v):
+def _core(masked: bool):
+    """A core-level kernel fn(q, k, v), causal or not."""
     import math
 
     from rewrites.common import array_namespace, causal
 
-    xp = array_namespace(q)
-    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
-    z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)
-    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
-    return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
+    def fn(q, k, v):
+        xp = array_namespace(q)
+        z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
+        if masked:
+            z = xp.where(causal(xp, q.shape[-2], k.shape[-2]), z, -math.inf)
+        e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
+        return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
 
-
-def _without_mask(q, k, v):
-    import math
-
-    from rewrites.common import array_namespace
-
-    xp = array_namespace(q)
-    z = q @ xp.matrix_transpose(k) / math.sqrt(q.shape[-1])
-    e = xp.exp(z - xp.max(z, axis=-1, keepdims=True))
-    return (e / xp.sum(e, axis=-1, keepdims=True)) @ v
+    fn.__name__ = "causal_core" if masked else "core_without_mask"  # the rewrite's name
+    return fn
 
 
 def test_assert_rewrite_from_python(tmp_path):
-    results = assert_rewrite(_with_mask, level="core", examples=5, report_dir=tmp_path, real_layers=False)
+    results = assert_rewrite(_core(masked=True), level="core", examples=5, report_dir=tmp_path, real_layers=False)
     assert results and all(r.claim_holds for r in results)
     with pytest.raises(RewriteClaimFailed, match="claimed equivalent, verdict inequivalent"):
-        assert_rewrite(_without_mask, level="core", examples=5, report_dir=tmp_path, real_layers=False)
+        assert_rewrite(_core(masked=False), level="core", examples=5, report_dir=tmp_path, real_layers=False)
