@@ -214,23 +214,45 @@ def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, ou
     logit magnitude it takes."""
     from rewrites.verify.execute import RewriteFailed
 
-    z = truth_for(problem, backend, dtype).z
-    mag = float(np.abs(z[np.isfinite(z)]).max(initial=0.0))
+    mag = _logits(problem, backend, dtype)
     at = f"at logits of about {mag:.0e}"
     bad = ~np.isfinite(out).reshape(-1, out.shape[-1]).all(axis=-1)
-    if bad.any():
-        row = int(np.flatnonzero(bad)[0] % out.shape[-2])
-        return [{"finding": "overflow", "row": row, "logits": mag,
-                 "text": f"overflow: a non-finite output from row {row}, {at}"}]  # fmt: skip
-    if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
-        return []
     try:
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0] % out.shape[-2])
+            start = _overflow_starts(rw, backend, dtype, problem)
+            text = f"overflow or 0/0: a non-finite output from row {row}, from |logits| of about {start:.3g} on"
+            return [{"finding": "non-finite", "row": row, "logits": start, "text": text}]
+        if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
+            return []
         leak = _future_leak(rw, backend, dtype, problem)
     except RewriteFailed:
         return []
     for f in leak:
         f["logits"], f["text"] = mag, f"{f['text']}, {at}"
     return leak
+
+
+def _logits(problem: AttentionProblem, backend: str, dtype: str) -> float:
+    """The largest |logit| of `problem` as `backend` rounds it to `dtype`."""
+    z = truth_for(problem, backend, dtype).z
+    return float(np.abs(z[np.isfinite(z)]).max(initial=0.0))
+
+
+def _overflow_starts(rw: Any, backend: str, dtype: str, problem: AttentionProblem, steps: int = 24) -> float:
+    """The largest |logit| at which the output turns non-finite (exp overflowing, or every
+    exp of a row underflowing to 0/0): the logits scaled by c <= 1
+    (q scaled), bisected over log2 c in [-32, 0] to 2^-19 (a relative 1e-6)."""
+    from rewrites.verify.execute import run_rewrite
+
+    finite = lambda log2c: bool(np.isfinite(run_rewrite(rw, backend, dtype, _scaled(problem, 2.0**log2c))).all())
+    lo, hi = -32.0, 0.0  # lo: finite (tiny logits), hi: not
+    if not finite(lo):
+        return 2.0**lo
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if finite(mid) else (lo, mid)
+    return _logits(_scaled(problem, 2.0**hi), backend, dtype)
 
 
 def _with(problem: AttentionProblem, **arrays: np.ndarray) -> AttentionProblem:

@@ -58,6 +58,7 @@ class Search:
     kept: list[tuple] = field(default_factory=list)  # (problem as run, output): the first and latest failures
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.loop_tokens)
     cut_hint: int | None = None  # the first failing length of the failure this search tries first (decide.py)
+    bits_too: bool = False  # Stage.FORMULA: also compare with the oracle's bits (then it can stand in for Stage.DTYPE)
     precision: diagnose.Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
     scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
     findings: list[dict] = field(default_factory=list)  # Stage.FORMULA: what diagnose.findings saw
@@ -84,7 +85,7 @@ class Search:
         if self.stage is Stage.DTYPE and not refs.representable(problem, self.backend, self.dtype):
             return None  # no correct computation in this dtype exists: not evidence
         try:
-            bitwise = self.bitwise and self.stage is Stage.DTYPE
+            bitwise = self.bitwise and (self.stage is Stage.DTYPE or self.bits_too)
             o = outcome(self.rewrite, self.backend, self.dtype, problem, refs, bitwise)
         except RewriteFailed as e:
             self.error = self.error or str(e)
