@@ -177,6 +177,11 @@ def heads_swapped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return project_out(xp, o, c_proj_w, c_proj_b)
 
 
+def output_bias_twice(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """The output bias added twice."""
+    return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head) + c_proj_b
+
+
 def mask_shifted_by_two(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Row i sees keys up to i + 2."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
@@ -200,8 +205,10 @@ ONE_FINDING = {
     "heads_swapped": "reorders heads",
     "mask_shifted_by_two": "leaks the future",
     "scale_x0.5": "scale",
+    "output_bias_twice": "extra bias",
 }
-_UNNAMED = {"heads_swapped": heads_swapped, "mask_shifted_by_two": mask_shifted_by_two, "scale_x0.5": scaled(0.5)}
+_UNNAMED = {"heads_swapped": heads_swapped, "mask_shifted_by_two": mask_shifted_by_two, "scale_x0.5": scaled(0.5),
+            "output_bias_twice": output_bias_twice}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ONE_FINDING)
@@ -215,7 +222,7 @@ def test_a_formula_failure_gets_its_finding_and_no_other(verdicts, name):
 def test_findings_say_which(verdicts):
     """The details: which bias, which row, which heads, how far ahead, what the rows sum to."""
     d = lambda name: verdicts(name, _UNNAMED[name] if name in _UNNAMED else _builtin(name))["float64"].diagnosis[0]
-    assert d("value_bias_dropped")["bias"] == "value"
+    assert d("value_bias_dropped")["bias"] == "value" and d("output_bias_twice")["bias"] == "output"
     assert d("last_token_wrong_row")["row"] == 0 and "query of position 0" in d("last_token_wrong_row")["text"]
     assert d("heads_swapped")["heads"][:2] == [{"head": 0, "columns_of": [1]}, {"head": 1, "columns_of": [0]}]
     assert d("mask_shifted_by_two")["ahead"] == 2

@@ -28,6 +28,7 @@ inputs as the backend rounded them (`oracles.reference.truth_for`):
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -276,16 +277,18 @@ def _known_variant(problem: AttentionProblem, truth: Any, dtype: str, base: np.n
     """The first known wrong formula whose output `base` is, within the bound."""
     e, tolerance = problem.n_embd, truth.tolerance(dtype)
     rounded = truth.problem
-    biases = {"query": np.s_[:e], "value": np.s_[2 * e :]}  # a dropped key bias changes nothing
-    for name, cols in biases.items():
-        b = rounded.c_attn_b.copy()
-        b[cols] = 0.0
-        dropped = oracles.ground_truth(_with(rounded, c_attn_b=b)).out
-        if np.any(rounded.c_attn_b[cols]) and _matches(base, dropped, tolerance):
-            return [{"finding": "missing bias", "bias": name, "text": f"a missing bias: the {name} bias is dropped"}]
-    if np.any(rounded.c_proj_b):
-        if _matches(base, oracles.ground_truth(_with(rounded, c_proj_b=np.zeros(e))).out, tolerance):
-            return [{"finding": "missing bias", "bias": "output", "text": "a missing bias: the output bias is dropped"}]
+    # (name, array, columns): a key bias dropped or doubled changes nothing (softmax is shift-invariant)
+    biases = (("query", "c_attn_b", np.s_[:e]), ("value", "c_attn_b", np.s_[2 * e :]), ("output", "c_proj_b", np.s_[:]))
+    for (name, array, cols), (factor, finding, how) in itertools.product(
+        biases, ((0.0, "missing bias", "dropped"), (2.0, "extra bias", "added twice"))
+    ):
+        b = getattr(rounded, array).copy()
+        if not np.any(b[cols]):
+            continue
+        b[cols] *= factor
+        if _matches(base, oracles.ground_truth(_with(rounded, **{array: b})).out, tolerance):
+            text = f"{'a missing' if factor == 0 else 'an extra'} bias: the {name} bias is {how}"
+            return [{"finding": finding, "bias": name, "text": text}]
     if problem.n_seq > 1 and _matches(base, variant(rounded, mask_offset=-1), tolerance):
         text = "a token does not see itself: row i attends to keys before i"
         return [{"finding": "does not see itself", "text": text}]
