@@ -5,6 +5,7 @@ no files beside it."""
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 from collections.abc import Sequence
@@ -118,6 +119,11 @@ def _values(file: str | None) -> str:
     """The counterexample's arrays: small ones in full, the others by shape and range."""
     if not file or not Path(file).is_file():
         return ""
+    return _values_of(file, Path(file).stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1024)  # a run rewrites the page after every task: read each file once
+def _values_of(file: str, mtime_ns: int) -> str:
     rows = []
     with np.load(file) as f:
         for name in ("x", "c_attn_w", "c_attn_b", "c_proj_w", "c_proj_b"):

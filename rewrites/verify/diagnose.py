@@ -215,8 +215,6 @@ def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, ou
     logit magnitude it takes."""
     from rewrites.verify.execute import RewriteFailed
 
-    mag = _logits(problem, backend, dtype)
-    at = f"at logits of about {mag:.0e}"
     bad = ~np.isfinite(out).reshape(-1, out.shape[-1]).all(axis=-1)
     try:
         if bad.any():
@@ -229,8 +227,9 @@ def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, ou
         leak = _future_leak(rw, backend, dtype, problem)
     except RewriteFailed:
         return []
+    mag = _logits(problem, backend, dtype)
     for f in leak:
-        f["logits"], f["text"] = mag, f"{f['text']}, {at}"
+        f["logits"], f["text"] = mag, f"{f['text']}, at logits of about {mag:.0e}"
     return leak
 
 
@@ -313,7 +312,7 @@ def _run(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> tuple[
     return run_rewrite(rw, backend, dtype, problem), truth_for(problem, backend, dtype).tolerance(dtype)
 
 
-def _changed(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+def rows_beyond(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
     """Rows [..., n_seq] of a and b further apart than the bound allows (or NaN in one only)."""
     with np.errstate(all="ignore"):
         far = ~(np.abs(a - b) <= tolerance) & ~(np.isnan(a) & np.isnan(b))
@@ -340,7 +339,7 @@ def _future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -
         x = keyed.x.copy()
         x[..., j, 0] = _new_values(keyed.x, x[..., j, 0].shape)
         out, _ = _run(rw, backend, dtype, _with(keyed, x=x))
-        rows = np.flatnonzero(_changed(out, base, tolerance).reshape(-1, keyed.n_seq)[:, :j].any(axis=0))
+        rows = np.flatnonzero(rows_beyond(out, base, tolerance).reshape(-1, keyed.n_seq)[:, :j].any(axis=0))
         seen += [[int(i), j] for i in rows]
     if not seen:
         return []
@@ -356,7 +355,7 @@ def _batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, 
     pair = np.stack([problem.x, problem.x])  # [2, ..., n_seq, n_embd]
     pair[1] = _new_values(problem.x, pair[1].shape)
     out, _ = _run(rw, backend, dtype, _with(problem, x=pair))
-    if not _changed(out[0], base, truth_for(problem, backend, dtype).tolerance(dtype)).any():
+    if not rows_beyond(out[0], base, truth_for(problem, backend, dtype).tolerance(dtype)).any():
         return []
     text = "mixes batch items: changing one batch item changes another's output"
     return [{"finding": "mixes batch items", "text": text}]
@@ -398,7 +397,7 @@ def _rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: Attentio
     probe = _with(problem, x=same, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
     out, tolerance = _run(rw, backend, dtype, probe)
     v = truth_for(probe, backend, dtype).out  # [..., n_seq, n_embd]: v_h in head h's columns, every row
-    if not _changed(out, v, tolerance).any():
+    if not rows_beyond(out, v, tolerance).any():
         return []
     split = lambda a: a.reshape(*a.shape[:-1], problem.n_head, hd)  # [..., n_seq, H, hd]
     with np.errstate(all="ignore"):

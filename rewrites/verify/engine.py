@@ -81,18 +81,18 @@ class Verifier:
     def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
         # float64's formula sweep, bits compared: its dtype sweep would run the same layers
         # again (real inputs have no extreme magnitudes), so where it passed it stands in
-        swept: dict[str, Search] = {}
+        passed64: list[Search] = []
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
-            if stage is Stage.DTYPE and "float64" in swept and dtype == "float64" and first is None:
-                return dataclasses.replace(swept["float64"], stage=Stage.DTYPE, examples=0)
+            if stage is Stage.DTYPE and dtype == "float64" and first is None and passed64:
+                return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0)
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
             hint = first.first_fails_at if first else None
             bits_too = stage is Stage.FORMULA and dtype == "float64" and first is None
             s = sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=bits_too), self.refs)
             if bits_too and s.failure is None:
-                swept["float64"] = s
+                passed64.append(s)
             return s
 
         return self._results(rw, backend, Inputs.GPT2, run)

@@ -96,9 +96,8 @@ class Search:
         if self.stage is Stage.FORMULA and o.nonfinite:
             self.error = self.error or f"returned NaN or inf on moderate {self.dtype} inputs"
             return self._found(f"error: {self.error}")
-        if o.ratio > 1:  # the first failure and the latest three, for the diagnosis
-            self.kept[1:] = [*self.kept[1:], (problem, o.out)][-KEPT_LATEST:]
         if o.ratio > 1:
+            self.kept[1:] = [*self.kept[1:], (problem, o.out)][-KEPT_LATEST:]  # the first and the latest three
             what = "non-finite output" if o.nonfinite else f"error {o.abs_error:.3g} is {o.ratio:.3g}x the bound"
             return self._found(f"{what} in {self.dtype}")
         return None
@@ -251,9 +250,7 @@ def _first_failing_row(s: Search, refs: References) -> int | None:
     if out is None or s.rewrite.output != "full":
         return None
     ref = refs.truth(s.failure, s.backend, s.dtype)
-    with np.errstate(all="ignore"):
-        beyond = ~(np.abs(out - ref.out) <= ref.tolerance)  # NaN is beyond
-    rows = np.flatnonzero(beyond.reshape(-1, *out.shape[-2:]).any(axis=(0, 2)))
+    rows = np.flatnonzero(diagnose.rows_beyond(out, ref.out, ref.tolerance).reshape(-1, out.shape[-2]).any(axis=0))
     return int(rows[0]) if rows.size else None
 
 
@@ -272,10 +269,10 @@ def _diagnose(s: Search) -> None:
         if s.precision.effective:  # and a problem where a formula error cannot pass for rounding
             dense = reach(s.rewrite, s.backend, s.dtype, diagnose.evidence_problem())
             try:
-                out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
+                dense_out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
             except RewriteFailed:
-                out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
-            s.precision.confirm(out, dense, s.backend, output_rows(s.rewrite))
+                dense_out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
+            s.precision.confirm(dense_out, dense, s.backend, output_rows(s.rewrite))
     # A real layer's failure is fitted only when it might otherwise be called imprecise:
     # the synthetic search's small shrunk failures name the factor (and cost milliseconds).
     if s.layer is None or (s.precision is not None and s.precision.effective):
