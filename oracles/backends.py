@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 NAMES = ("numpy", "jax", "torch")
-_GROWS: dict[tuple, Growth] = {}  # (fn, shapes but n_seq, dtype) -> does its trace grow with n_seq
+_GROWS: dict[tuple, tuple[Growth, int | None]] = {}  # (fn, shapes but n_seq, dtype) -> growth, tokens run on
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -27,7 +27,15 @@ class Growth(Enum):
     """How a function's traced (to-be-compiled) program grows with n_seq."""
 
     NONE = "fixed size"
+    PER_TILE = "a loop per tile"  # grows between 16 and 256 tokens, not between 8 and 16
     PER_TOKEN = "a loop per token"
+
+
+#: Equations of the largest program compiled at a problem's full length. A loop per tile
+#: unrolls n_seq / tile times: tiles of 16 at 2049 tokens trace to 4,773 equations that took
+#: XLA 155 s to compile, again for every new length (the whole catalogue's JAX run timed out
+#: on it). Beyond this a loop per tile runs on each problem's first tokens only (`tokens`).
+TRACE_BUDGET = 600
 
 
 class BackendUnavailable(RuntimeError):
@@ -63,31 +71,43 @@ class Backend:
         runs eagerly. A loop per tile is compiled: it unrolls only n_seq / tile times, and
         eagerly every tile's new shape would compile each primitive anew (7,504 primitive
         compilations for one search of 64-token tiles). The decision is the backend's, for
-        built-ins and plugins alike, and never pads: fn sees the real n_seq."""
+        built-ins and plugins alike, and never pads: fn sees the n_seq it is judged at
+        (`tokens` says how many that is)."""
         if self.traces is None:
             return fn
-        return fn if self.grows_per_token(fn, args, static) else self.compile(fn, static)
+        return fn if self._growth(fn, args, static)[0] is Growth.PER_TOKEN else self.compile(fn, static)
 
     @property
     def compiles(self) -> bool:
         """Whether this backend compiles per shape (every new length costs a compilation)."""
         return self.traces is not None
 
-    def grows_per_token(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> bool:
-        """Whether compiling fn would unroll a loop per token (False where nothing compiles)."""
-        return self.compiles and self._growth(fn, args, static) is Growth.PER_TOKEN
+    def tokens(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> int | None:
+        """The most tokens of a problem this backend runs fn on (None: all of them): a loop
+        per token its first `loop_tokens`, a loop per tile as many as keep its traced program
+        within TRACE_BUDGET equations, anything else (and anything where nothing compiles) all."""
+        return self._growth(fn, args, static)[1] if self.compiles else None
 
-    def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> Growth:
-        """Whether fn's traced program grows per token (longer at 16 tokens than at 8): two
-        cheap traces (no compilation), once per function and shape, instead of one at the
-        real length (7 s for a loop per token at 1024)."""
+    def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> tuple[Growth, int | None]:
+        """How fn's traced program grows with n_seq, and the tokens it runs on: from cheap
+        traces (no compilation) at 8 and 16 tokens, and at 256 where those two are the same
+        size, once per function and shape, instead of one at the real length (7 s for a
+        loop per token at 1024). A loop per tile grows linearly: its size at n is
+        extrapolated from 16 and 256 tokens."""
         x = args[0]
         key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), tuple(getattr(a, "shape", a) for a in args[1:]))
         if key not in _GROWS:
             size = lambda n: self.traces(
                 fn, self.abstract((*x.shape[:-2], n, x.shape[-1]), x.dtype), *args[1:], static=static
             )
-            _GROWS[key] = Growth.PER_TOKEN if size(8) < size(16) else Growth.NONE
+            s16 = size(16)
+            if size(8) < s16:
+                _GROWS[key] = (Growth.PER_TOKEN, self.loop_tokens)
+            elif (per_token := (size(256) - s16) / 240) > 0:
+                budget = 16 + int((TRACE_BUDGET - s16) / per_token)
+                _GROWS[key] = (Growth.PER_TILE, max(budget, self.loop_tokens or 16))
+            else:
+                _GROWS[key] = (Growth.NONE, None)
         return _GROWS[key]
 
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:

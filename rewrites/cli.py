@@ -270,7 +270,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     """Re-run a saved counterexample and show the error against the bound."""
     from rewrites.registry import catalogue
     from rewrites.verify import RewriteFailed, run_rewrite
-    from rewrites.verify.execute import References, judge, output_rows
+    from rewrites.verify.execute import output_rows
+    from rewrites.verify.judge import References, judge
 
     problem, meta = _counterexample(args)
     rw = catalogue(names=[args.rewrite or meta["rewrite"]])[0]

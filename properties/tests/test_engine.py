@@ -6,13 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import oracles
 from oracles import backends
 from oracles.problem import AttentionProblem
 from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
 from rewrites.registry import rewrite
 from rewrites.verify import Inputs, Verdict
-from rewrites.verify.execute import References, reach
-from rewrites.verify.search import Search, Stage, sweep
+from rewrites.verify.execute import reach
+from rewrites.verify.judge import References
+from rewrites.verify.record import Search, Stage
+from rewrites.verify.search import sweep
 from rewrites.verify.verdicts import claim_holds
 
 
@@ -154,6 +157,35 @@ def test_only_per_token_loops_are_cut_and_only_where_the_backend_says(backend):
     assert reach(loop, backend, "float32", p.prefix(8)).n_seq == 8  # short problems are never cut
     cut = reach(loop, backend, "float32", p)
     assert cut.n_seq == (be.loop_tokens or 45)
+    np.testing.assert_array_equal(cut.x, p.x[: cut.n_seq])
+
+
+def per_tile(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """A loop per tile of 16 rows: its traced program grows with n_seq / 16, not per token."""
+    xp = array_namespace(x)
+    rows = [x[..., t : t + 16, :] * 1.0 for t in range(0, x.shape[-2], 16)]
+    return xp.concat(rows, axis=-2) @ c_proj_w
+
+
+def test_a_loop_per_tile_is_compiled_on_as_many_tokens_as_the_trace_budget_allows(backend, monkeypatch):
+    """Unrolled, tiles of 16 at 2049 tokens took minutes to compile for every new length: a
+    loop per tile is cut where its traced program reaches TRACE_BUDGET equations (within a
+    tile: the size is extrapolated from 16 and 256 tokens), and still compiled; a backend
+    that compiles nothing runs it whole. The budget is lowered so that 300 tokens exceed it."""
+    be, p = backends.get(backend), _dense(300)
+    monkeypatch.setattr(backends, "TRACE_BUDGET", 30)
+    monkeypatch.setattr(backends, "_GROWS", {})
+    loop = rewrite(family="test", claim="equivalent", name="per_tile_loop")(per_tile)
+    cut = reach(loop, backend, "float32", p)
+    if not be.compiles:
+        assert cut is p
+        return
+    args = lambda n: (*oracles.as_backend(p.prefix(n), backend, "float32"), p.n_head)
+    size = lambda n: be.traces(per_tile, *args(n), static=(5,))
+    one_tile = size(32) - size(16)
+    assert 16 < cut.n_seq < 300
+    assert size(cut.n_seq) <= 30 + one_tile and size(cut.n_seq + 32) > 30
+    assert be.runner(per_tile, args(cut.n_seq), (5,)) is not per_tile  # compiled, not eager
     np.testing.assert_array_equal(cut.x, p.x[: cut.n_seq])
 
 

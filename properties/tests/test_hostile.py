@@ -226,8 +226,9 @@ def verify_args(report: Path, weights: Path, *extra: str) -> list[str]:
 
 
 def comparable(r) -> dict:
-    """A result without the paths that name its report folder."""
+    """A result without the paths that name its report folder, and without its timing."""
     d = r.to_json()
+    d.pop("seconds")
     if d["counterexample"]:
         d["counterexample"] = {k: v for k, v in d["counterexample"].items() if k not in ("file", "replay")}
     return d

@@ -31,7 +31,7 @@ def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, ver
     (r,) = [r for r in verdicts(rw, backend) if r.dtype == dtype and r.inputs is Inputs.HYPOTHESIS]
     expected = FIRST_FAILS_AT[rw.name]
     if r.cut_to is not None and r.cut_to < (expected or 65):
-        pytest.skip(f"{backend} runs this loop per token on {r.cut_to} tokens only (Backend.loop_tokens)")
+        pytest.skip(f"{backend} runs this loop on its first {r.cut_to} tokens only (Backend.tokens)")
     assert r.verdict is Verdict.INEQUIVALENT, f"{rw.name} on {backend} {dtype}: {r.verdict}"
     ce = r.counterexample
     if expected is None:

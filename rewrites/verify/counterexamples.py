@@ -11,7 +11,7 @@ import numpy as np
 
 from oracles import gpt2
 from oracles.problem import AttentionProblem
-from rewrites.verify.search import Search
+from rewrites.verify.record import Search
 from rewrites.verify.verdicts import Counterexample, Inputs
 
 

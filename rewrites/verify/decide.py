@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from rewrites.verify.search import Search, Stage
+from rewrites.verify.record import Search, Stage
 from rewrites.verify.verdicts import CLAIM_DTYPES, Verdict
 
 #: run(dtype, stage, first): a search in `dtype` at `stage`, trying `first`'s failure first
@@ -39,6 +39,7 @@ class Decision:
     search: Search
     examples: int  # examples evaluated for this dtype's verdict, the float64 stage included
     cut_to: int | None = None  # problems were cut to their first cut_to tokens (any search)
+    seconds: float = 0.0  # this dtype's own searches (float64's formula search is float64's)
 
 
 def verdict_of(s: Search) -> Verdict:
@@ -64,7 +65,9 @@ def decide(run: Run, dtypes: Sequence[str]) -> list[Decision]:
             searches.append(run(dtype, Stage.DTYPE, None))
         decided = searches[-1]
         cut = max((s.cut_to for s in searches if s.cut_to), default=None)
-        decisions.append(Decision(dtype, verdict_of(decided), decided, sum(s.examples for s in searches), cut))
+        own = sum(s.seconds for s in (searches if dtype == "float64" else searches[1:]))
+        examples = sum(s.examples for s in searches)
+        decisions.append(Decision(dtype, verdict_of(decided), decided, examples, cut, own))
     return decisions
 
 

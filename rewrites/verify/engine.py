@@ -14,8 +14,9 @@ from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
 from rewrites.verify import counterexamples, inputs
 from rewrites.verify.decide import Decision, Run, decide, witness
-from rewrites.verify.execute import References
-from rewrites.verify.search import Search, Stage, hypothesis_search, sweep
+from rewrites.verify.judge import References
+from rewrites.verify.record import Search, Stage
+from rewrites.verify.search import hypothesis_search, sweep
 from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ class Verifier:
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             if stage is Stage.DTYPE and dtype == "float64" and first is None and passed64:
-                return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0)
+                return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0, seconds=0.0)
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
             hint = first.first_fails_at if first else None
@@ -128,7 +129,7 @@ class Verifier:
             ce = counterexamples.describe(path, s)
         return Result(**base, dtype=d.dtype, verdict=d.verdict, max_abs_error=s.max_abs,
                       max_error_over_bound=s.max_ratio, examples=d.examples, counterexample=ce, witness=w,
-                      cut_to=d.cut_to, precision=s.effective_precision,
+                      cut_to=d.cut_to, precision=s.effective_precision, seconds=round(d.seconds, 3),
                       diagnosis=list(s.findings) if s.failure is not None else [])  # fmt: skip
 
     def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:

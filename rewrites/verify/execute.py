@@ -1,5 +1,5 @@
 """Running one rewrite on one problem: fresh inputs in the backend's dtype, the output
-checked (shape, dtype, array type) and brought back to float64, then judged against the truth.
+checked (shape, dtype, array type) and brought back to float64 (judged in judge.py).
 
 A rewrite is untrusted code. It gets its own copies of the inputs (the problem's arrays,
 which searches share, are made read-only), and a call that changes them is an error: it
@@ -10,10 +10,7 @@ the input, does not see it pass)."""
 
 from __future__ import annotations
 
-import functools
-import math
 from collections import Counter
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,21 +19,12 @@ from array_api_compat import array_namespace
 import oracles
 from oracles import backends
 from oracles.problem import WEIGHTS, AttentionProblem
-from oracles.reference import (
-    DISK_MIN_ELEMENTS,
-    Reference,
-    excess,
-    file_fingerprint,
-    reference,
-    rounded_key,
-    size,
-    stored,
-)
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
 N_HEAD_ARG = (5,)  # n_head, the sixth argument of every rewrite, is a Python int (static under jit)
+PROBE_TOKENS = 16  # a problem this short is never cut; longer ones are traced at this length
 INPUT_NAMES = ("x", *WEIGHTS)
 #: Failures of one rewrite x backend x dtype re-run to tell a wrong formula from noise;
 #: once a rewrite is seen to be nondeterministic, every failure is.
@@ -71,17 +59,18 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
 
 
 def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> AttentionProblem:
-    """The problem as `backend` runs `rw` on it: whole, or its first `Backend.loop_tokens`
-    tokens when rw is a loop per token there (a causal prefix is a problem of its own)."""
+    """The problem as `backend` runs `rw` on it: whole, or its first `Backend.tokens` tokens
+    where rw is a loop per token or an unrolled loop per tile there (a causal prefix is a
+    problem of its own)."""
     be, impl = backends.get(backend), rw.implementation(backend)
-    if be.loop_tokens is None or impl is None or problem.n_seq <= be.loop_tokens:
+    if not be.compiles or impl is None or problem.n_seq <= PROBE_TOKENS:
         return problem
-    head = problem.prefix(be.loop_tokens)
+    head = problem.prefix(PROBE_TOKENS)
     try:
-        grows = be.grows_per_token(impl, (*oracles.as_backend(head, backend, dtype), problem.n_head), N_HEAD_ARG)
+        limit = be.tokens(impl, (*oracles.as_backend(head, backend, dtype), problem.n_head), N_HEAD_ARG)
     except Exception:  # it cannot be traced: running it will say why
         return problem
-    return head if grows else problem
+    return problem if limit is None or problem.n_seq <= limit else problem.prefix(limit)
 
 
 def freeze(problem: AttentionProblem) -> None:
@@ -180,61 +169,3 @@ def _difference(a: np.ndarray, b: np.ndarray) -> str:
 def output_rows(rw: Rewrite) -> tuple:
     """The rows of the full output that the rewrite returns."""
     return np.s_[..., -1:, :] if rw.output == "last" else np.s_[...]
-
-
-class References:
-    """What outputs are judged against, shared by every rewrite (they see the same
-    problems): the float64 truth with its bound, and each backend's oracle output."""
-
-    def __init__(self, limit: int = 20000) -> None:
-        self.limit, self.oracles = limit, {}
-
-    def truth(self, problem: AttentionProblem, backend: str, dtype: str) -> Reference:
-        """The truth's output and tolerance (oracles.reference: in memory, long ones on disk)."""
-        return reference(problem, backend, dtype)
-
-    def representable(self, problem: AttentionProblem, backend: str, dtype: str) -> bool:
-        return self.truth(problem, backend, dtype).representable
-
-    def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
-        """The backend's oracle output (in memory; long ones on disk, keyed by the oracle's code)."""
-        key = (rounded_key(problem, backend, dtype)[0], backend)  # the oracle sees the rounded inputs
-        if key not in self.oracles:
-            if len(self.oracles) >= self.limit:
-                self.oracles.pop(next(iter(self.oracles)))
-            run = lambda: oracles.run(backend, problem, dtype)
-            if size(problem) >= DISK_MIN_ELEMENTS:
-                code = file_fingerprint(oracles.oracle(backend).__file__)
-                run = functools.partial(stored, ("oracle", code, *key, dtype), problem.x.shape, run)
-            self.oracles[key] = run()
-        return self.oracles[key]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """How one output compares with the truth."""
-
-    ratio: float  # max |error| / bound
-    abs_error: float
-    bitwise: bool  # equal to the backend's oracle bit for bit (when asked)
-    nonfinite: bool
-    out: np.ndarray  # the output rows the rewrite returned (float64)
-
-
-def judge(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> tuple[float, float, bool]:
-    """(max |error| / bound, max |error|, whether out has NaN or inf)."""
-    finite = bool(np.isfinite(out).all())
-    return excess(out, expected, tolerance), float(np.abs(out - expected).max()) if finite else math.inf, not finite
-
-
-def outcome(
-    rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem, refs: References, bitwise: bool
-) -> Outcome:
-    """Run the rewrite and compare it with the truth (and, if `bitwise`, the oracle's bits)."""
-    out = run_rewrite(rw, backend, dtype, problem)
-    truth, sl = refs.truth(problem, backend, dtype), output_rows(rw)
-    ratio, abs_err, nonfinite = judge(out, truth.out[sl], truth.tolerance[sl])
-    if ratio > 1:
-        NONDETERMINISM.check(rw, backend, dtype, problem, out)
-    same = bitwise and np.array_equal(out, refs.oracle(problem, backend, dtype)[sl])
-    return Outcome(ratio, abs_err, same, nonfinite, out)

@@ -41,8 +41,8 @@ _SYMBOLS = {
 CLAIMS: tuple[Verdict, ...] = tuple(v for v in Verdict if v is not Verdict.ERROR)
 LEGEND = (
     ", ".join(f"{v.symbol} {v.value}" for v in Verdict).replace("E equivalent", "E equivalent within the derived bound")
-    + "; ! marks a verdict that contradicts the rewrite's claim; <=N: a loop per token run on each"
-    " problem's first N tokens only (where eager steps compile per shape)"
+    + "; ! marks a verdict that contradicts the rewrite's claim; <=N: a loop per token or tile run on"
+    " each problem's first N tokens only (JAX: eager steps compile per shape, an unrolled loop for minutes)"
 )
 #: dtypes in which a claim is held against the verdict; float16/bfloat16 are reported only.
 CLAIM_DTYPES = ("float64", "float32")
@@ -88,6 +88,7 @@ class Result:
     precision: str | None = None  # `imprecise`: the lower precision whose bound held on every failing example
     cut_to: int | None = None  # the backend ran a per-token loop on each problem's first cut_to tokens only
     diagnosis: list[dict] = field(default_factory=list)  # findings on the counterexample (diagnose.py)
+    seconds: float | None = None  # this dtype's own searches took (float64's formula search: float64's)
 
     @property
     def claim_holds(self) -> bool:
@@ -135,7 +136,7 @@ def claim_holds(
     `imprecise` it is enough that the search found it in one of the CLAIM_DTYPES
     (`witness`) if the others at least stay within the bound. Only CLAIM_DTYPES are held
     to the claim; an `error` never holds one.
-    Problems cut to their first `cut_to` tokens (Backend.loop_tokens) cannot contradict a
+    Problems cut to their first `cut_to` tokens (Backend.tokens) cannot contradict a
     claim that a counterexample exists: it may need more tokens; they still contradict a
     universal claim."""
     if claim is None or dtype not in CLAIM_DTYPES:

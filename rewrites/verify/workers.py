@@ -1,96 +1,31 @@
 """Worker processes: every rewrite x backend runs where a crash, `exit`, a signal or a hang
-cannot take the run down with it.
-
-A pool of `jobs` long-lived workers (spawned: JAX and PyTorch threads do not survive fork)
-takes one task at a time: `Verifier.verify_one(rw, [backend])`, the unit of work, for the
-rewrite found by its identity (rewrites travel by identity; a worker finds the catalogue
-and plugins itself). A worker keeps its Verifier between tasks, so caches and the real
-layers are built once per worker, not per task. A worker that dies is replaced and its
-task gets `error` verdicts saying how it ended ("exit status 1", "killed by SIGSEGV"); one
-that runs past the time limit is killed ("timeout after 600 s"). Results come back as each
-task finishes, so the caller can write them down before the next one arrives.
-
-Workers ignore Ctrl-C (the parent handles it and stops them), send what they print to
-stderr (stdout is the tables'), and exit when the parent dies.
-"""
+cannot take the run down with it (the pool: pool.py; a worker's side: serve.py). Results
+come back as each task finishes, so the caller can write them down before the next one
+arrives; every task gives one Done, verdicts or `error` verdicts saying why there are none."""
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import multiprocessing
-import os
-import pickle
-import signal
-import sys
-import threading
-import time
-import traceback
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from oracles import backends
-from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
+from rewrites.verify.pool import Done, Pool, Task
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
-    from rewrites.verify.engine import Config, Throughput, Verifier
+    from rewrites.verify.engine import Config, Throughput
+    from rewrites.verify.verdicts import Result
+
+__all__ = ["DEFAULT_TIMEOUT", "Done", "Task", "run", "stream", "tasks"]
 
 #: Seconds one rewrite x backend may take (`--timeout`): the whole catalogue takes minutes.
 DEFAULT_TIMEOUT = 600.0
-#: Seconds a new worker may take to import everything and get ready; not the task's time.
-STARTUP_LIMIT = 300.0
-#: New workers that die before they are ready, in a row, before the pool gives up.
-STARTUP_FAILURES = 3
 COMPILATIONS = [0]  # compilations reported by workers through `run`, for the run's totals
-_READY = "ready"
-
-
-class PoolFailed(RuntimeError):
-    """Workers cannot be started: the tool itself cannot run (exit status 3)."""
-
-
-@dataclass(frozen=True)
-class Task:
-    """One unit of work: a rewrite on one backend."""
-
-    rewrite: Rewrite
-    backend: str
-
-
-@dataclass
-class Done:
-    """A finished task: its verdicts, or `error` verdicts made here saying why there are none."""
-
-    task: Task
-    results: list[Result]
-    throughput: list[Throughput] = field(default_factory=list)
-    compilations: int = 0
-    failure: str | None = None  # how the task ended without verdicts of its own (timeout, exit status...)
-    internal: str | None = None  # the verifier itself raised: its traceback (a bug in this tool)
 
 
 def tasks(rewrites: Iterable[Rewrite], backend_names: Sequence[str]) -> list[Task]:
     """Every rewrite on every backend it exists for, in catalogue order."""
     return [Task(rw, b) for rw in rewrites for b in backend_names if rw.runs_on(b)]
-
-
-def error_results(task: Task, config: Config, gpt2_inputs: bool, message: str) -> list[Result]:
-    """The rows verify_one would have made, every one an `error` with `message`, so that a
-    report stays complete when a task could not give its own."""
-    rw, backend = task.rewrite, task.backend
-    dtypes = [d for d in config.dtypes if d in backends.get(backend).dtypes]
-    sources = [Inputs.HYPOTHESIS, *([Inputs.GPT2] if gpt2_inputs else [])]
-    ce = Counterexample(message=f"{rw.name} on {backend}: {message}")
-    return [
-        Result(rewrite=rw.name, family=rw.family, backend=backend, dtype=d, inputs=s, claim=rw.claim,
-               verdict=Verdict.ERROR, max_abs_error=None, max_error_over_bound=None, examples=0,
-               counterexample=ce, source=rw.source)
-        for s in sources for d in dtypes
-    ]  # fmt: skip
 
 
 def stream(
@@ -105,7 +40,7 @@ def stream(
     Workers are stopped when the iteration ends, however it ends (Ctrl-C included)."""
     if not work:
         return
-    pool = _Pool(config, gpt2_inputs, include_plugins, timeout)
+    pool = Pool(config, gpt2_inputs, include_plugins, timeout)
     try:
         yield from pool.run(deque(work), max(1, min(jobs, len(work))))
     finally:
@@ -130,215 +65,3 @@ def run(
         if len(got) == sum(done.task.rewrite.runs_on(b) for b in names):
             rs = [r for b in names if b in got for r in got[b].results]
             yield done.task.rewrite.name, rs, [t for b in names if b in got for t in got[b].throughput]
-
-
-def compilations(names: Sequence[str]) -> int:
-    """Compilations so far in this process, on the given backends."""
-    return sum(backends.get(n).compilations() for n in names)
-
-
-def ended(exitcode: int | None) -> str:
-    """How a process ended, in words."""
-    if exitcode is None:
-        return "stopped"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit status {exitcode}"
-
-
-# --- the parent's side --------------------------------------------------------------------
-
-
-class _Worker:
-    """One worker process, the task it runs and when that task must end."""
-
-    def __init__(self, ctx: Any, args: tuple) -> None:
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, *args), daemon=True, name="attention-rewrites worker")
-        self.process.start()
-        child.close()
-        self.ready, self.task = False, None
-        self.deadline = time.monotonic() + STARTUP_LIMIT
-
-    def start(self, task: Task, timeout: float) -> None:
-        self.task, self.deadline = task, time.monotonic() + timeout
-        self.conn.send((task.rewrite.identity, task.backend))
-
-    def receive(self) -> Any:
-        """What the worker sent, or None if it died first (even mid-message)."""
-        try:
-            return self.conn.recv() if self.conn.poll() else None
-        except (EOFError, OSError):
-            return None
-
-    def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join(5)
-
-    def close(self) -> None:
-        """Stop an idle worker politely, a busy one at once."""
-        try:
-            if self.process.is_alive() and self.ready and self.task is None:
-                self.conn.send(None)
-                self.process.join(10)
-        except OSError:
-            pass
-        self.kill()
-        self.conn.close()
-
-
-class _Pool:
-    def __init__(self, config: Config, gpt2_inputs: bool, include_plugins: bool, timeout: float) -> None:
-        self.config, self.gpt2_inputs, self.timeout = config, gpt2_inputs, timeout
-        self.args = (*portable(config), gpt2_inputs, include_plugins)
-        self.ctx = multiprocessing.get_context("spawn")
-        self.workers: list[_Worker] = []
-        self.failed_starts = 0
-
-    def run(self, pending: deque[Task], jobs: int) -> Iterator[Done]:
-        self.workers = [_Worker(self.ctx, self.args) for _ in range(jobs)]
-        while pending or any(w.task for w in self.workers):
-            for w in self.workers:
-                if w.ready and w.task is None and pending:
-                    w.start(pending.popleft(), self.timeout)
-            self._wait()
-            for w in list(self.workers):
-                done, replace = self._check(w)
-                if replace:
-                    w.close()
-                    self.workers.remove(w)
-                    if pending:
-                        self.workers.append(_Worker(self.ctx, self.args))
-                if done is not None:
-                    yield done
-
-    def _wait(self) -> None:
-        """Until a worker says something or ends, or the nearest deadline."""
-        soonest = min(w.deadline for w in self.workers) - time.monotonic()
-        limit = None if soonest == float("inf") else max(0.0, soonest)
-        wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers], limit)
-
-    def _check(self, w: _Worker) -> tuple[Done | None, bool]:
-        """(the worker's finished task, if any; whether the worker must be replaced)."""
-        message = w.receive()
-        if message == _READY:
-            w.ready, w.deadline, self.failed_starts = True, float("inf"), 0
-            return None, False
-        if message is not None:
-            task, w.task, w.deadline = w.task, None, float("inf")
-            return self._done(task, message), False
-        if w.process.is_alive() and time.monotonic() < w.deadline:
-            return None, False
-        why = ended(w.process.exitcode) if not w.process.is_alive() else None
-        if w.task is not None:
-            return self._failed(w.task, why or f"timeout after {self.timeout:g} s"), True
-        if not w.ready:  # died or stuck while starting: not a rewrite's doing
-            self.failed_starts += 1
-            if self.failed_starts >= STARTUP_FAILURES:
-                raise PoolFailed(f"worker processes fail to start ({why or 'not ready in time'})")
-        return None, True
-
-    def _done(self, task: Task, message: tuple) -> Done:
-        kind, *rest = message
-        if kind == "done":
-            results, throughput, compiles = rest
-            return Done(task, results, throughput, compiles)
-        if kind == "internal":
-            (trace,) = rest
-            last = trace.strip().splitlines()[-1]
-            return Done(task, error_results(task, self.config, self.gpt2_inputs, f"the verifier failed: {last}"),
-                        internal=trace)  # fmt: skip
-        return self._failed(task, rest[0])
-
-    def _failed(self, task: Task, why: str) -> Done:
-        return Done(task, error_results(task, self.config, self.gpt2_inputs, why), failure=why)
-
-    def close(self) -> None:
-        for w in self.workers:
-            w.close()
-        self.workers = []
-
-
-def portable(config: Config) -> tuple[Config, dict[str, tuple[str, str]]]:
-    """The config as it can travel to a spawned worker: a field that does not pickle (a
-    profile of Hypothesis strategies) goes as the module-level name it is defined under."""
-    refs: dict[str, tuple[str, str]] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        try:
-            pickle.dumps(value)
-        except Exception:
-            module = importlib.import_module(type(value).__module__)
-            name = next((k for k, v in vars(module).items() if v is value), None)
-            if name is None:
-                raise PoolFailed(f"Config.{f.name} cannot be sent to worker processes") from None
-            refs[f.name] = (module.__name__, name)
-    return dataclasses.replace(config, **dict.fromkeys(refs)), refs
-
-
-def restored(config: Config, refs: dict[str, tuple[str, str]]) -> Config:
-    """`portable`'s inverse, in the worker."""
-    return dataclasses.replace(config, **{k: getattr(importlib.import_module(m), n) for k, (m, n) in refs.items()})
-
-
-# --- the worker's side --------------------------------------------------------------------
-
-
-def _serve(conn: Connection, config: Config, refs: dict, gpt2_inputs: bool, include_plugins: bool) -> None:
-    """A worker's life: get ready, then run tasks until told to stop or the parent goes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a rewrite's prints stay out of the tables
-    except (AttributeError, OSError, ValueError):  # no real stdio (embedded): nothing to protect
-        pass
-    threading.Thread(target=_exit_with_parent, daemon=True).start()
-    from rewrites.registry import catalogue
-    from rewrites.verify.engine import Verifier
-
-    verifier = Verifier(restored(config, refs))
-    found = {rw.identity: rw for rw in catalogue(include_plugins)}
-    conn.send(_READY)
-    while True:
-        try:
-            task = conn.recv()
-        except EOFError:
-            return
-        if task is None:
-            return
-        identity, backend = task
-        rw = found.get(tuple(identity))
-        if rw is None:
-            conn.send(("failed", "not found in the worker's catalogue (did a plugin change since the run began?)"))
-        else:
-            conn.send(_work(verifier, rw, backend, gpt2_inputs))
-
-
-def _exit_with_parent() -> None:
-    """Orphaned workers go too: a killed run must not leave them computing."""
-    parent = multiprocessing.parent_process()
-    if parent is not None:
-        parent.join()
-        os._exit(1)
-
-
-def _work(verifier: Verifier, rw: Rewrite, backend: str, gpt2_inputs: bool) -> tuple:
-    """One task: ("done", results, throughput, compilations), ("failed", why) when the
-    rewrite made the verifier stop, or ("internal", traceback) when the verifier broke."""
-    from hypothesis.errors import Flaky
-
-    before, n = compilations([backend]), len(verifier.throughput)
-    try:
-        results = verifier.verify_one(rw, [backend], gpt2_inputs)
-    except Flaky as e:
-        why = f"nondeterministic: Hypothesis saw an input fail, then pass when run again ({type(e).__name__})"
-        return ("failed", why)
-    except Exception:
-        return ("internal", traceback.format_exc())
-    except BaseException as e:  # KeyboardInterrupt and the like: the rewrite raised them (SIGINT is ignored here)
-        first = (str(e).strip().splitlines() or [""])[0]
-        return ("failed", f"raised {type(e).__name__}" + (f": {first}" if first else ""))
-    return ("done", results, verifier.throughput[n:], compilations([backend]) - before)

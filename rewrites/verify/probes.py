@@ -1,0 +1,174 @@
+"""The checks behind each finding of diagnose.py, on a failing problem: whether the output
+is a known wrong formula (a bias dropped or doubled, a token not seeing itself, another
+row as the last row), and what re-running the rewrite with one input changed shows (a key
+ahead reaching a row, one batch item another, one head's values another head's columns,
+rows of weights not summing to 1). Each returns its findings, empty when it does not fire."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+import numpy as np
+
+import oracles
+from oracles.problem import AttentionProblem
+from oracles.reference import excess, truth_for
+from oracles.truth import variant
+from rewrites.verify.execute import run_rewrite
+
+LEAK_MIN_SEQ = 8  # the leak probe appends tokens to shorter failures: how far ahead needs room
+
+
+def _with(problem: AttentionProblem, **arrays: np.ndarray) -> AttentionProblem:
+    return dataclasses.replace(problem, **arrays)
+
+
+def _head_columns(problem: AttentionProblem, h: int) -> np.ndarray:
+    """[n_embd] bool: the columns of head h in q, k, v and the merged output."""
+    cols = np.zeros(problem.n_embd, bool)
+    cols[h * problem.head_dim : (h + 1) * problem.head_dim] = True
+    return cols
+
+
+def _matches(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> bool:
+    """Within the bound on every row that `expected` defines (a row seeing no key is NaN)."""
+    rows = np.isfinite(expected).all(axis=-1)
+    return bool(rows.any()) and excess(out[rows], expected[rows], tolerance[rows]) <= 1
+
+
+def known_variant(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """The first known wrong formula whose output `base` is, within the bound."""
+    e, tolerance = problem.n_embd, truth.tolerance(dtype)
+    rounded = truth.problem
+    # (name, array, columns): a key bias dropped or doubled changes nothing (softmax is shift-invariant)
+    biases = (("query", "c_attn_b", np.s_[:e]), ("value", "c_attn_b", np.s_[2 * e :]), ("output", "c_proj_b", np.s_[:]))
+    for (name, array, cols), (factor, finding, how) in itertools.product(
+        biases, ((0.0, "missing bias", "dropped"), (2.0, "extra bias", "added twice"))
+    ):
+        b = getattr(rounded, array).copy()
+        if not np.any(b[cols]):
+            continue
+        b[cols] *= factor
+        if _matches(base, oracles.ground_truth(_with(rounded, **{array: b})).out, tolerance):
+            text = f"{'a missing' if factor == 0 else 'an extra'} bias: the {name} bias is {how}"
+            return [{"finding": finding, "bias": name, "text": text}]
+    if problem.n_seq > 1 and _matches(base, variant(rounded, mask_offset=-1), tolerance):
+        text = "a token does not see itself: row i attends to keys before i"
+        return [{"finding": "does not see itself", "text": text}]
+    return []
+
+
+def wrong_last_row(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """A last-row rewrite whose row is row r of attention, or attention with r's query over every key."""
+    n, tolerance = problem.n_seq, truth.tolerance(dtype)[..., -1:, :]
+    every_key = variant(truth.problem, mask_offset=n)  # row r: query r, keys 0 .. n - 1
+    for r in range(n - 1):
+        for out, what in ((truth.out, f"position {r}'s output"), (every_key, f"the query of position {r}")):
+            if _matches(base, out[..., r : r + 1, :], tolerance):
+                return [{"finding": "wrong last row", "row": r, "text": f"the last row is computed with {what}"}]
+    return []
+
+
+def _run(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray]:
+    """The rewrite's output on `problem` and the bound it is held to there."""
+    return run_rewrite(rw, backend, dtype, problem), truth_for(problem, backend, dtype).tolerance(dtype)
+
+
+def rows_beyond(a: np.ndarray, b: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """Rows [..., n_seq] of a and b further apart than the bound allows (or NaN in one only)."""
+    with np.errstate(all="ignore"):
+        far = ~(np.abs(a - b) <= tolerance) & ~(np.isnan(a) & np.isnan(b))
+    return far.any(axis=-1)
+
+
+def _new_values(like: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Values of `like`'s scale, none near its own."""
+    return np.random.default_rng(0).normal(size=shape) * max(float(np.abs(like).max()), 1e-3) + 1.0
+
+
+def future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """Change token j's key and value but not its query (an input feature that the query
+    projection ignores): a row before j that moves sees a key ahead."""
+    w = problem.c_attn_w.copy()
+    w[0, : problem.n_embd] = 0.0  # feature 0 reaches k and v only
+    x = problem.x
+    if x.shape[-2] < LEAK_MIN_SEQ:  # a shrunk failure of 2 tokens cannot show a leak 2 ahead
+        x = np.concatenate([x, _new_values(x, (*x.shape[:-2], LEAK_MIN_SEQ - x.shape[-2], x.shape[-1]))], axis=-2)
+    keyed = _with(problem, x=x, c_attn_w=w)
+    base, tolerance = _run(rw, backend, dtype, keyed)
+    seen = []  # [row, key] with key > row: the key reaches the row
+    for j in range(1, keyed.n_seq):
+        x = keyed.x.copy()
+        x[..., j, 0] = _new_values(keyed.x, x[..., j, 0].shape)
+        out, _ = _run(rw, backend, dtype, _with(keyed, x=x))
+        rows = np.flatnonzero(rows_beyond(out, base, tolerance).reshape(-1, keyed.n_seq)[:, :j].any(axis=0))
+        seen += [[int(i), j] for i in rows]
+    if not seen:
+        return []
+    ahead = max(j - i for i, j in seen)
+    first_row = min(i for i, _ in seen)
+    text = f"leaks the future: row {first_row} sees a key {ahead} position(s) ahead"
+    return [{"finding": "leaks the future", "ahead": ahead, "first_row": first_row, "n_seq": keyed.n_seq,
+             "seen": seen, "text": text}]  # fmt: skip
+
+
+def batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
+    """Two copies of the problem as a batch, the second changed: the first must not move."""
+    pair = np.stack([problem.x, problem.x])  # [2, ..., n_seq, n_embd]
+    pair[1] = _new_values(problem.x, pair[1].shape)
+    out, _ = _run(rw, backend, dtype, _with(problem, x=pair))
+    if not rows_beyond(out[0], base, truth_for(problem, backend, dtype).tolerance(dtype)).any():
+        return []
+    text = "mixes batch items: changing one batch item changes another's output"
+    return [{"finding": "mixes batch items", "text": text}]
+
+
+def heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """With c_proj the identity the output is the merged heads; with only head h's values
+    nonzero, only head h's columns may be nonzero. Which heads' columns does each reach?"""
+    if problem.n_head < 2:
+        return []
+    e = problem.n_embd
+    lands = []
+    for h in range(problem.n_head):
+        w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
+        others = 2 * e + np.flatnonzero(~_head_columns(problem, h))
+        w[:, others], b[others] = 0.0, 0.0  # only head h has values
+        one_head = _with(problem, c_attn_w=w, c_attn_b=b, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
+        out, tolerance = _run(rw, backend, dtype, one_head)
+        with np.errstate(all="ignore"):
+            moved = ~(np.abs(out) <= tolerance)  # the truth is exactly 0 outside head h's columns
+        heads = sorted({int(c) // problem.head_dim for c in np.flatnonzero(moved.reshape(-1, e).any(axis=0))})
+        if heads and heads != [h]:
+            lands.append({"head": h, "columns_of": heads})
+    if not lands:
+        return []
+    moved = all(len(x["columns_of"]) == 1 for x in lands)
+    name = "reorders heads" if moved else "mixes heads"
+    heads = lambda x: ", ".join(map(str, x["columns_of"]))
+    said = "; ".join(f"head {x['head']}'s values reach the columns of head(s) {heads(x)}" for x in lands)
+    return [{"finding": name, "heads": lands, "text": f"{name}: {said}"}]
+
+
+def rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """Every token the same and c_proj the identity: correct attention returns each head's
+    value v_h on every row, whatever its weights, as long as they sum to 1. A row that is
+    s v_h with s != 1 (within the bound) sums to s."""
+    e, hd = problem.n_embd, problem.head_dim
+    same = np.broadcast_to(problem.x[..., :1, :], problem.x.shape).copy()
+    probe = _with(problem, x=same, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
+    out, tolerance = _run(rw, backend, dtype, probe)
+    v = truth_for(probe, backend, dtype).out  # [..., n_seq, n_embd]: v_h in head h's columns, every row
+    if not rows_beyond(out, v, tolerance).any():
+        return []
+    split = lambda a: a.reshape(*a.shape[:-1], problem.n_head, hd)  # [..., n_seq, H, hd]
+    with np.errstate(all="ignore"):
+        sums = (split(out) * split(v)).sum(-1) / (split(v) ** 2).sum(-1)  # [..., n_seq, H]
+        fitted = (sums[..., None] * split(v)).reshape(out.shape)
+    if not np.isfinite(sums).all() or excess(out, fitted, tolerance) > 1:
+        return []
+    lo, hi = float(sums.min()), float(sums.max())
+    return [{"finding": "rows do not sum to 1", "min": lo, "max": hi,
+             "text": f"rows of attention weights do not sum to 1: they sum to {lo:.3g} .. {hi:.3g}"}]  # fmt: skip
