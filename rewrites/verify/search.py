@@ -51,13 +51,15 @@ def hypothesis_search(
     refs: References,
     examples: int,
     explicit: Sequence[AttentionProblem] = (),
+    shrink: bool = True,
 ) -> Search:
     """Try the `explicit` problems, then search each band of strategies in turn with an
     equal share of `examples` (derandomised: every rewrite sees the same problems), steered
     towards the largest error/bound ratio, until one fails; shrink it (at most
     SHRINK_EXAMPLES_PER_EXAMPLE x `examples` more evaluations: shrinking a 2049-token
     problem can take hundreds, and the cut below makes the length exact anyway), then cut
-    it to its exact first failing length. `s` is filled in."""
+    it to its exact first failing length. `s` is filled in. Without `shrink` the first
+    failure is kept as found (and still cut)."""
     without_local_constants()
     budget = s.examples + len(explicit) + examples * (1 + SHRINK_EXAMPLES_PER_EXAMPLE)
     smallest: list[AttentionProblem] = []  # the smallest failing problem so far
@@ -68,7 +70,7 @@ def hypothesis_search(
         database=None,
         deadline=None,
         suppress_health_check=list(HealthCheck),
-        phases=[Phase.generate, Phase.target, Phase.shrink],
+        phases=[Phase.generate, Phase.target, *([Phase.shrink] if shrink else [])],
     )
 
     def fails(problem: AttentionProblem) -> bool:
