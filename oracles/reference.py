@@ -73,7 +73,7 @@ def excess(out: np.ndarray, expected: np.ndarray, tolerance: np.ndarray) -> floa
 # --- memory ------------------------------------------------------------------------------
 
 
-class _LRU:
+class LRU:
     """Values by key, least recently used dropped once they hold more than `limit` bytes."""
 
     def __init__(self, limit: int) -> None:
@@ -100,7 +100,7 @@ class _LRU:
         self.total = 0
 
 
-_MEMORY = _LRU(MEMORY_BYTES)
+_MEMORY = LRU(MEMORY_BYTES)
 _KEYS: weakref.WeakKeyDictionary[AttentionProblem, dict[tuple[str, str], str]] = weakref.WeakKeyDictionary()
 
 

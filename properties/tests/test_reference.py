@@ -237,7 +237,7 @@ def test_no_disk_means_memory_only(disk, monkeypatch):
 
 
 def test_memory_drops_the_least_recently_used_past_its_byte_limit():
-    lru = cache._LRU(limit=25)
+    lru = cache.LRU(limit=25)
     for k in "abc":
         lru.put((k,), k, 10)
         lru.get(("a",))

@@ -15,6 +15,7 @@ import oracles
 from oracles.problem import AttentionProblem
 from oracles.reference import (
     DISK_MIN_ELEMENTS,
+    LRU,
     Reference,
     excess,
     file_fingerprint,
@@ -29,12 +30,17 @@ if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
 
+#: Bytes of oracle outputs a process keeps in memory (long ones are also on disk). A count
+#: (it was 20,000 outputs) bounds nothing: one output at 2049 tokens is up to 25 MB.
+ORACLE_BYTES = 512 * 2**20
+
+
 class References:
     """What outputs are judged against, shared by every rewrite (they see the same
     problems): the float64 truth with its bound, and each backend's oracle output."""
 
-    def __init__(self, limit: int = 20000) -> None:
-        self.limit, self.oracles = limit, {}
+    def __init__(self, limit: int = ORACLE_BYTES) -> None:
+        self.oracles = LRU(limit)
 
     def truth(self, problem: AttentionProblem, backend: str, dtype: str) -> Reference:
         """The truth's output and tolerance (oracles.reference: in memory, long ones on disk)."""
@@ -46,15 +52,15 @@ class References:
     def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
         """The backend's oracle output (in memory; long ones on disk, keyed by the oracle's code)."""
         key = (rounded_key(problem, backend, dtype)[0], backend)  # the oracle sees the rounded inputs
-        if key not in self.oracles:
-            if len(self.oracles) >= self.limit:
-                self.oracles.pop(next(iter(self.oracles)))
+        out = self.oracles.get(key)
+        if out is None:
             run = lambda: oracles.run(backend, problem, dtype)
             if size(problem) >= DISK_MIN_ELEMENTS:
                 code = file_fingerprint(oracles.oracle(backend).__file__)
                 run = functools.partial(stored, ("oracle", code, *key, dtype), problem.x.shape, run)
-            self.oracles[key] = run()
-        return self.oracles[key]
+            out = run()
+            self.oracles.put(key, out, out.nbytes)
+        return out
 
 
 @dataclass(frozen=True)
