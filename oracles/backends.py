@@ -36,6 +36,10 @@ class Growth(Enum):
 #: XLA 155 s to compile, again for every new length (the whole catalogue's JAX run timed out
 #: on it). Beyond this a loop per tile runs on each problem's first tokens only (`tokens`).
 TRACE_BUDGET = 600
+#: n_seq of the cheap traces that tell how a program grows: a loop per token is longer at
+#: PROBE_TOKENS than at half as many, a loop per tile at TILE_TRACE than at PROBE_TOKENS. A
+#: problem of PROBE_TOKENS or fewer is never cut.
+PROBE_TOKENS, TILE_TRACE = 16, 256
 
 
 class BackendUnavailable(RuntimeError):
@@ -100,12 +104,12 @@ class Backend:
             size = lambda n: self.traces(
                 fn, self.abstract((*x.shape[:-2], n, x.shape[-1]), x.dtype), *args[1:], static=static
             )
-            s16 = size(16)
-            if size(8) < s16:
+            short = size(PROBE_TOKENS)
+            if size(PROBE_TOKENS // 2) < short:
                 _GROWS[key] = (Growth.PER_TOKEN, self.loop_tokens)
-            elif (per_token := (size(256) - s16) / 240) > 0:
-                budget = 16 + int((TRACE_BUDGET - s16) / per_token)
-                _GROWS[key] = (Growth.PER_TILE, max(budget, self.loop_tokens or 16))
+            elif (per_token := (size(TILE_TRACE) - short) / (TILE_TRACE - PROBE_TOKENS)) > 0:
+                budget = PROBE_TOKENS + int((TRACE_BUDGET - short) / per_token)
+                _GROWS[key] = (Growth.PER_TILE, max(budget, PROBE_TOKENS))
             else:
                 _GROWS[key] = (Growth.NONE, None)
         return _GROWS[key]

@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
 N_HEAD_ARG = (5,)  # n_head, the sixth argument of every rewrite, is a Python int (static under jit)
-PROBE_TOKENS = 16  # a problem this short is never cut; longer ones are traced at this length
 INPUT_NAMES = ("x", *WEIGHTS)
 #: Failures of one rewrite x backend x dtype re-run to tell a wrong formula from noise;
 #: once a rewrite is seen to be nondeterministic, every failure is.
@@ -63,9 +62,9 @@ def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> A
     where rw is a loop per token or an unrolled loop per tile there (a causal prefix is a
     problem of its own)."""
     be, impl = backends.get(backend), rw.implementation(backend)
-    if not be.compiles or impl is None or problem.n_seq <= PROBE_TOKENS:
+    if not be.compiles or impl is None or problem.n_seq <= backends.PROBE_TOKENS:
         return problem
-    head = problem.prefix(PROBE_TOKENS)
+    head = problem.prefix(backends.PROBE_TOKENS)
     try:
         limit = be.tokens(impl, (*oracles.as_backend(head, backend, dtype), problem.n_head), N_HEAD_ARG)
     except Exception:  # it cannot be traced: running it will say why
