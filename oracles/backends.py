@@ -6,10 +6,16 @@ jits, the others run eagerly), waiting for a result, releasing compiled code, co
 compilations. A backend is optional: `available()` lists the ones that import, and
 `get(name)` raises `BackendUnavailable` (with the reason) for one that does not, so tests
 can skip cleanly. This is the only module that tests a backend's name.
+
+A process computes on one device (`use_device`, before any backend is loaded; default
+"cpu"): PyTorch and JAX put every array there, a problem's inputs and whatever a rewrite
+creates without naming a device (torch.set_default_device, jax_default_device), so a
+verdict taken on a GPU is the GPU's. NumPy has no device but the CPU.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,6 +25,9 @@ from typing import Any
 import numpy as np
 
 NAMES = ("numpy", "jax", "torch")
+DEVICES = ("cpu", "cuda")
+_DEVICE = ["cpu"]  # the device this process computes on (use_device)
+_ON_SWITCH: dict[str, Callable[[str], None]] = {}  # backend -> makes `device` its default for new arrays
 _GROWS: dict[tuple, tuple[Growth, int | None]] = {}  # (fn, shapes but n_seq, dtype) -> growth, tokens run on
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
@@ -50,6 +59,7 @@ class BackendUnavailable(RuntimeError):
 class Backend:
     name: str
     dtypes: tuple[str, ...]  # the dtypes this backend computes in
+    device: str  # where its arrays live: "cpu" or "cuda"
     asarray: Callable[[np.ndarray, str], Any]  # float64 NumPy -> native array of `dtype`
     to_numpy: Callable[[Any], np.ndarray]  # native array -> float64 NumPy (exact)
     namespace: Any  # the array API namespace (array-api-compat)
@@ -119,26 +129,40 @@ class Backend:
         return self.to_numpy(self.asarray(a, dtype))
 
 
-def _numpy() -> Backend:
+def _numpy(device: str) -> Backend:
     import array_api_compat.numpy as xp
 
+    if device != "cpu":
+        raise BackendUnavailable(f"numpy computes on the CPU only, not on {device}")
     # NumPy has no bfloat16 of its own.
     return Backend(
         name="numpy",
         dtypes=("float64", "float32", "float16"),
+        device=device,
         asarray=lambda a, dtype: np.array(a, dtype=dtype),  # a copy: callers may write into it
         to_numpy=lambda a: np.asarray(a, dtype=np.float64),
         namespace=xp,
     )
 
 
-def _jax() -> Backend:
+def _jax(device: str) -> Backend:
+    # Without this every process (the run and each worker) takes 75% of the GPU's memory.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import jax
     import jax.monitoring
 
     # float64 is opt-in in JAX; the ground truth and the float64 verdicts need it.
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
+
+    try:
+        where = jax.devices(device)[0]
+    except RuntimeError as e:  # no such platform in this jaxlib, or no device of it
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise BackendUnavailable(f"jax {jax.__version__} has no {device} device here ({reason})") from e
+    # Also on a machine with a GPU, "cpu" means the CPU (JAX would default to the GPU).
+    _ON_SWITCH["jax"] = lambda d: jax.config.update("jax_default_device", jax.devices(d)[0])
+    _ON_SWITCH["jax"](device)
 
     compiled: dict[tuple[Callable, tuple[int, ...]], Callable] = {}
     count = [0]
@@ -167,7 +191,8 @@ def _jax() -> Backend:
     return Backend(
         name="jax",
         dtypes=DTYPES,
-        asarray=lambda a, dtype: jnp.asarray(a, dtype=getattr(jnp, dtype)),
+        device=device,
+        asarray=lambda a, dtype: jax.device_put(jnp.asarray(a, dtype=getattr(jnp, dtype)), where),
         to_numpy=lambda a: np.asarray(a.astype(jnp.float64)),
         namespace=jnp,
         compile=compile_,
@@ -180,35 +205,67 @@ def _jax() -> Backend:
     )
 
 
-def _torch() -> Backend:
+def _torch(device: str) -> Backend:
     import array_api_compat.torch as xp
     import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendUnavailable(f"torch {torch.__version__} sees no cuda device (torch.cuda.is_available() is False)")
+    # what a rewrite creates without device= lands on the device too
+    _ON_SWITCH["torch"] = lambda d: torch.set_default_device(None if d == "cpu" else d)
+    _ON_SWITCH["torch"](device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def synchronize(out: Any) -> Any:
+        sync()
+        return out
 
     return Backend(
         name="torch",
         dtypes=DTYPES,
-        asarray=lambda a, dtype: torch.tensor(np.asarray(a, np.float64), dtype=getattr(torch, dtype)),  # a copy
-        to_numpy=lambda a: a.detach().to(torch.float64).numpy(),
+        device=device,
+        asarray=lambda a, dtype: torch.tensor(np.asarray(a, np.float64), dtype=getattr(torch, dtype), device=device),
+        to_numpy=lambda a: a.detach().to(device="cpu", dtype=torch.float64).numpy(),
         namespace=xp,
+        synchronize=synchronize,
     )
 
 
 _FACTORIES = {"numpy": _numpy, "jax": _jax, "torch": _torch}
 
 
+def use_device(device: str) -> None:
+    """Compute on `device` ("cpu" or "cuda") from now on in this process. Backends already
+    loaded for another device are dropped (their arrays stay where they are)."""
+    if device not in DEVICES:
+        raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
+    if device != _DEVICE[0]:
+        _DEVICE[0] = device
+        for name, switch in _ON_SWITCH.items():
+            if unavailable_reason(name) is None:  # loads it for `device` (or says why not)
+                switch(device)
+
+
+def device() -> str:
+    """The device this process computes on."""
+    return _DEVICE[0]
+
+
 @cache
-def _load(name: str) -> Backend | str:
+def _load(name: str, device: str) -> Backend | str:
     try:
-        return _FACTORIES[name]()
+        return _FACTORIES[name](device)
     except ImportError as e:  # a missing optional dependency, not a bug
         return f"backend {name!r} is not installed ({e}); install attention-rewrites[{name}]"
+    except BackendUnavailable as e:  # installed, but not on this device
+        return str(e)
 
 
 def get(name: str) -> Backend:
     """The backend called `name`; raises BackendUnavailable with the reason if it cannot load."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown backend {name!r}; choose from {', '.join(NAMES)}")
-    loaded = _load(name)
+    loaded = _load(name, _DEVICE[0])
     if isinstance(loaded, str):
         raise BackendUnavailable(loaded)
     return loaded
@@ -216,7 +273,7 @@ def get(name: str) -> Backend:
 
 def unavailable_reason(name: str) -> str | None:
     """Why `name` cannot be used, or None if it can."""
-    loaded = _load(name)
+    loaded = _load(name, _DEVICE[0])
     return loaded if isinstance(loaded, str) else None
 
 

@@ -101,9 +101,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     gpt2_inputs, not_run = _real_layers(args)
     folder = writable_folder(args.report, "--report")
     cfg = Config(examples=args.examples, gpt2_n_seq=args.gpt2_n_seq, gpt2_weights=args.gpt2_weights,
-                 report_dir=folder, dtypes=dtypes)  # fmt: skip
+                 report_dir=folder, dtypes=dtypes, device=args.device)  # fmt: skip
     meta = {
         "backends": names,
+        "device": args.device,
         "examples": args.examples,
         "gpt2_n_seq": args.gpt2_n_seq if gpt2_inputs else None,
         "gpt2_layers": not_run,
@@ -167,6 +168,9 @@ def _run_verify(
     from rewrites.verify import workers
 
     work = workers.tasks(rewrites, names)
+    for rw in rewrites:
+        if rw.off_device():
+            progress(f"skipping {rw.off_device()}")
     rank = {rw.identity: i for i, rw in enumerate(rewrites)}
     order = lambda r: (rank[(r.source, r.rewrite)], names.index(r.backend))  # catalogue order, not arrival
     stream = report.Stream(cfg.report_dir, meta, len(work), order)
@@ -442,6 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--gpt2-weights", help=f"safetensors file or folder (default ${gpt2.ENV_VAR}, ../shared/gpt2/)")
         p.add_argument("--backend", action="append", choices=backends.NAMES, help="repeatable; default all installed")
         p.add_argument("--dtype", action="append", choices=backends.DTYPES, help="repeatable")
+        p.add_argument(
+            "--device", default="cpu", choices=backends.DEVICES, help="where PyTorch and JAX compute (default cpu)"
+        )
 
     p = sub.add_parser("oracles", help="oracle-vs-truth table on the real GPT-2 layers")
     common(p)
@@ -525,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # -h (0), or a bad argument already said in one line (2)
         return e.code if isinstance(e.code, int) else USAGE
     try:
+        backends.use_device(getattr(args, "device", "cpu"))
         return args.run(args)
     except BrokenPipeError:  # `attention-rewrites list | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit

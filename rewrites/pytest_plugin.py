@@ -34,6 +34,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--examples", type=int, default=None, help="Hypothesis examples per verdict search")
     group.addoption("--no-gpt2", action="store_true", help="skip the real GPT-2 layers (--attention-rewrites)")
     group.addoption("--rewrites-report", default=None, help="where counterexamples are saved (default: a temp dir)")
+    group.addoption(
+        "--device", default="cpu", choices=backends.DEVICES, help="where PyTorch and JAX compute (default cpu)"
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    backends.use_device(config.getoption("device"))  # before any test loads a backend
 
 
 class RewriteClaimFailed(Exception):

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from oracles.backends import DEVICES, device
 from rewrites.verify.verdicts import CLAIMS, Verdict
 
 ENTRY_POINT_GROUP = "attention_rewrites"
@@ -56,6 +57,7 @@ class Rewrite:
     source: str = "built-in"  # "built-in" or "plugin <distribution>"
     load_error: str | None = None  # set when a plugin could not be loaded
     level: Literal["sublayer", "core"] = "sublayer"  # core: fn(q, k, v) -> o, projections supplied
+    devices: tuple[str, ...] = DEVICES  # where it can run: a CUDA-only kernel says ("cuda",)
 
     def __post_init__(self) -> None:
         if self.claim is not None:
@@ -66,6 +68,8 @@ class Rewrite:
             raise ValueError(f"rewrite {self.name!r}: output {self.output!r} is not 'full' or 'last'")
         if self.level not in ("sublayer", "core"):
             raise ValueError(f"rewrite {self.name!r}: level {self.level!r} is not 'sublayer' or 'core'")
+        if not self.devices or not set(self.devices) <= set(DEVICES):
+            raise ValueError(f"rewrite {self.name!r}: devices {self.devices!r} are not among {DEVICES}")
 
     def implementation(self, backend: str) -> Callable | None:
         """The sublayer function to run on `backend` (a core one with the projections around it)."""
@@ -73,9 +77,15 @@ class Rewrite:
         return around_core(fn) if fn is not None and self.level == "core" else fn
 
     def runs_on(self, backend: str) -> bool:
-        """Whether this rewrite exists for `backend` (a library kernel exists for one only);
-        a plugin that failed to load is run everywhere, to be reported."""
-        return self.load_error is not None or self.fn is not None or backend in self.backends
+        """Whether this rewrite exists for `backend` (a library kernel exists for one only)
+        on this process's device; a plugin that failed to load is run everywhere, to be reported."""
+        exists = self.load_error is not None or self.fn is not None or backend in self.backends
+        return exists and self.off_device() is None
+
+    def off_device(self) -> str | None:
+        """Why this rewrite cannot run on this process's device (None: it can)."""
+        here = device()
+        return None if here in self.devices else f"{self.name} runs on {' or '.join(self.devices)} only, not {here}"
 
     @property
     def identity(self) -> tuple[str, str]:

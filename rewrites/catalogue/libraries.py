@@ -10,6 +10,7 @@ any leading dimensions are folded into one batch and unfolded after."""
 from __future__ import annotations
 
 import importlib.metadata
+import warnings
 
 from rewrites.registry import Rewrite
 
@@ -31,8 +32,13 @@ def _sdpa(kernel: str):
         import torch
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        with sdpa_kernel(getattr(SDPBackend, kernel)):  # only this kernel: one that cannot run raises
-            o = torch.nn.functional.scaled_dot_product_attention(_four_d(q), _four_d(k), _four_d(v), is_causal=True)
+        with sdpa_kernel(getattr(SDPBackend, kernel)), warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            try:  # only this kernel: one that cannot run raises, and its warnings say why
+                o = torch.nn.functional.scaled_dot_product_attention(_four_d(q), _four_d(k), _four_d(v), is_causal=True)
+            except RuntimeError as e:
+                why = "; ".join(dict.fromkeys(str(w.message).split("\n")[0] for w in said))
+                raise RuntimeError(f"{str(e).splitlines()[0]} {why}".strip()) from e
         return o.reshape(q.shape)
 
     core.__name__ = f"torch_sdpa_{kernel.lower()}"
@@ -54,17 +60,26 @@ def torch_flex_attention(q, k, v):
     return o.reshape(q.shape)
 
 
-def jax_dot_product_attention(q, k, v):
-    import jax
-    import jax.numpy as jnp
+def _jax_dpa(implementation: str):
+    def core(q, k, v):
+        import jax
+        import jax.numpy as jnp
 
-    # jax.nn.dot_product_attention takes [batch, n_seq, n_head, head_dim]
-    bthd = lambda t: jnp.swapaxes(_four_d(t), -3, -2)
-    o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True, implementation="xla")
-    return jnp.swapaxes(o, -3, -2).reshape(q.shape)
+        # jax.nn.dot_product_attention takes [batch, n_seq, n_head, head_dim]
+        bthd = lambda t: jnp.swapaxes(_four_d(t), -3, -2)
+        o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), is_causal=True, implementation=implementation)
+        return jnp.swapaxes(o, -3, -2).reshape(q.shape)
+
+    core.__name__ = f"jax_dot_product_attention_{implementation}"
+    return core
 
 
-def _kernel(name: str, backend: str, fn, claim: str, what: str, dist: str) -> Rewrite:
+jax_dot_product_attention = _jax_dpa("xla")
+
+
+def _kernel(
+    name: str, backend: str, fn, claim: str, what: str, dist: str, devices: tuple[str, ...] = ("cpu", "cuda")
+) -> Rewrite:
     return Rewrite(
         name,
         f"{what} ({dist} {_version(dist)})",
@@ -73,6 +88,7 @@ def _kernel(name: str, backend: str, fn, claim: str, what: str, dist: str) -> Re
         claim=claim,
         backends={backend: fn},
         level="core",
+        devices=devices,
     )
 
 
@@ -84,6 +100,14 @@ torch_sdpa_flash = _kernel(
     "torch_sdpa_flash", "torch", _sdpa("FLASH_ATTENTION"), "equivalent",
     "torch scaled_dot_product_attention, is_causal, FLASH_ATTENTION kernel forced (the CPU flash kernel)", "torch",
 )  # fmt: skip
+torch_sdpa_efficient = _kernel(
+    "torch_sdpa_efficient", "torch", _sdpa("EFFICIENT_ATTENTION"), "equivalent",
+    "torch scaled_dot_product_attention, is_causal, EFFICIENT_ATTENTION kernel forced", "torch", ("cuda",),
+)  # fmt: skip
+torch_sdpa_cudnn = _kernel(
+    "torch_sdpa_cudnn", "torch", _sdpa("CUDNN_ATTENTION"), "equivalent",
+    "torch scaled_dot_product_attention, is_causal, CUDNN_ATTENTION kernel forced", "torch", ("cuda",),
+)  # fmt: skip
 torch_flex = _kernel(
     "torch_flex_attention", "torch", torch_flex_attention, "equivalent",
     "torch flex_attention with a causal mask_mod, eager", "torch",
@@ -91,4 +115,8 @@ torch_flex = _kernel(
 jax_dpa_xla = _kernel(
     "jax_dot_product_attention", "jax", jax_dot_product_attention, "imprecise",
     'jax.nn.dot_product_attention(is_causal=True, implementation="xla")', "jax",
+)  # fmt: skip
+jax_dpa_cudnn = _kernel(
+    "jax_dot_product_attention_cudnn", "jax", _jax_dpa("cudnn"), "equivalent",
+    'jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")', "jax", ("cuda",),
 )  # fmt: skip

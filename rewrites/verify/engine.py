@@ -32,6 +32,7 @@ class Config:
     dtypes: tuple[str, ...] = backends.DTYPES
     explicit_examples: bool = True  # try inputs.known_hard() before each synthetic search
     profile: inputs.Profile = inputs.FULL  # how far the searches go
+    device: str = field(default_factory=backends.device)  # where PyTorch and JAX compute (backends.use_device)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Verifier:
     _gpt2: inputs.RealLayers | None = field(default=None, init=False)
     _known_hard: dict[Stage, list[AttentionProblem]] = field(default_factory=dict, init=False)
     _written: set[Path] = field(default_factory=set, init=False)  # files saved (one search may decide several dtypes)
+
+    def __post_init__(self) -> None:
+        backends.use_device(self.config.device)  # this process computes where the config says
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
         if not self._known_hard:

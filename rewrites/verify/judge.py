@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 import oracles
+from oracles import backends
 from oracles.problem import AttentionProblem
 from oracles.reference import (
     DISK_MIN_ELEMENTS,
@@ -51,7 +52,8 @@ class References:
 
     def oracle(self, problem: AttentionProblem, backend: str, dtype: str) -> np.ndarray:
         """The backend's oracle output (in memory; long ones on disk, keyed by the oracle's code)."""
-        key = (rounded_key(problem, backend, dtype)[0], backend)  # the oracle sees the rounded inputs
+        # the oracle sees the rounded inputs; its output depends on the device it ran on
+        key = (rounded_key(problem, backend, dtype)[0], backend, backends.get(backend).device)
         out = self.oracles.get(key)
         if out is None:
             run = lambda: oracles.run(backend, problem, dtype)
