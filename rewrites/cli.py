@@ -281,6 +281,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     rw = catalogue(names=[args.rewrite or meta["rewrite"]])[0]
     backend, dtype = (args.backend or [meta["backend"]])[0], (args.dtype or [meta["dtype"]])[0]
     print(problem.describe())
+    if meta.get("device", "cpu") != args.device:
+        progress(f"found on {meta.get('device', 'cpu')}, replayed on {args.device} (--device)")
     if problem.x.size <= 64:
         print(f"x = {np.array2string(problem.x, precision=4)}")
     truth, sl = References().truth(problem, backend, dtype), output_rows(rw)  # as the verifier judged it

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from oracles import gpt2
+from oracles.backends import device
 from oracles.problem import AttentionProblem
 from rewrites.verify.record import Search
 from rewrites.verify.verdicts import Counterexample, Inputs
@@ -21,7 +22,7 @@ def path_for(report_dir: Path, s: Search, inputs: Inputs) -> Path:
 
 def save(path: Path, s: Search) -> None:
     p = s.failure
-    meta = dict(rewrite=s.rewrite.name, backend=s.backend, dtype=s.dtype, output=s.rewrite.output)
+    meta = dict(rewrite=s.rewrite.name, backend=s.backend, dtype=s.dtype, output=s.rewrite.output, device=device())
     if s.layer is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(path, x=p.x, n_head=p.n_head, label=p.label, gpt2_layer=np.int64(s.layer), **meta)
@@ -38,14 +39,14 @@ def describe(path: Path, s: Search) -> Counterexample:
         shape={"batch": list(p.x.shape[:-2]), "n_seq": p.n_seq, "n_head": p.n_head, "head_dim": p.head_dim},
         examples_to_find=s.to_find,
         first_fails_at=s.first_fails_at,
-        replay=f"attention-rewrites replay {path}",
+        replay=f"attention-rewrites replay {path}" + ("" if device() == "cpu" else f" --device {device()}"),
     )
 
 
 def load_counterexample(path: str | Path, weights: str | None = None) -> tuple[AttentionProblem, dict]:
     """A saved counterexample: the problem (real weights reloaded for GPT-2 ones) and its metadata."""
     with np.load(path) as f:
-        meta = {k: f[k].item() for k in ("rewrite", "backend", "dtype", "output", "gpt2_layer") if k in f}
+        meta = {k: f[k].item() for k in ("rewrite", "backend", "dtype", "output", "gpt2_layer", "device") if k in f}
         x = np.asarray(f["x"], np.float64) if "gpt2_layer" in f else None
     if x is None:
         return AttentionProblem.load(path), meta
