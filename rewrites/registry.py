@@ -119,15 +119,18 @@ def rewrite(
     name: str | None = None,
     level: Literal["sublayer", "core"] = "sublayer",
     backend: str | None = None,
+    devices: tuple[str, ...] = DEVICES,
 ) -> Callable[[Callable], Rewrite]:
     """Decorator: turn an attention function into a `Rewrite` named after it, described by
     the first line of its docstring. `level="core"`: fn(q, k, v) -> o (module doc).
-    `backend`: fn is that backend's code only (a library kernel), not array-API code."""
+    `backend`: fn is that backend's code only (a library kernel), not array-API code.
+    `devices`: where it can run at all, e.g. ("cuda",) for a CUDA-only kernel (skipped elsewhere)."""
 
     def wrap(fn: Callable) -> Rewrite:
         doc = (fn.__doc__ or "").strip().splitlines()
         portable, only = (None, {backend: fn}) if backend else (fn, {})
-        return Rewrite(name or fn.__name__, doc[0] if doc else "", family, portable, output, claim, only, level=level)
+        desc = doc[0] if doc else ""
+        return Rewrite(name or fn.__name__, desc, family, portable, output, claim, only, level=level, devices=devices)
 
     return wrap
 

@@ -118,3 +118,32 @@ def test_verdicts_on_cuda_are_taken_there(tmp_path):
             assert np.isfinite(v.refs.oracle(p, name, "float32")).all()
     finally:
         backends.use_device("cpu")
+
+
+def test_a_plugin_declares_a_kernel_that_exists_on_cuda_only():
+    from rewrites import rewrite
+
+    @rewrite(family="core", claim="equivalent", level="core", backend="torch", devices=("cuda",))
+    def cuda_kernel(q, k, v):
+        """A kernel that exists on CUDA only."""
+        return q
+
+    assert cuda_kernel.devices == ("cuda",) and not cuda_kernel.runs_on("torch")
+    assert cuda_kernel.off_device() == "cuda_kernel runs on cuda only, not cpu"
+
+
+def test_a_counterexample_found_on_a_gpu_says_so_and_replays_there(tmp_path, monkeypatch, capsys):
+    """Found on cuda (the device pretended, so this runs on any machine): the file records it,
+    the replay command names it, and a replay on the CPU says where it was found."""
+    from rewrites.verify import counterexamples
+
+    monkeypatch.setattr(counterexamples, "device", lambda: "cuda")
+    (rw,) = catalogue(names=["no_causal_mask"])
+    v = Verifier(Config(examples=3, report_dir=tmp_path, dtypes=("float64",), profile=QUICK))
+    (result,) = v.verify_one(rw, ["numpy"], gpt2_inputs=False)
+    ce = result.counterexample
+    assert result.verdict is Verdict.INEQUIVALENT and ce.replay.endswith(" --device cuda")
+    assert str(np.load(ce.file)["device"]) == "cuda"
+    monkeypatch.undo()
+    assert cli.main(["replay", ce.file]) == 1
+    assert "found on cuda, replayed on cpu (--device)" in capsys.readouterr().err
