@@ -78,10 +78,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         params = []
         for rw in rewrites:  # claims are held in float64 and float32; `verify` reports half precision
             for p in backend_params(metafunc.config, CLAIM_DTYPES):
-                if not rw.runs_on(p.values[0]) and rw.off_device() is None:
+                if not rw.runs_on(p.values[0]) and rw.unavailable() is None:
                     continue  # a library kernel exists for its own backend only
                 group = pytest.mark.xdist_group(f"{rw.name}-{p.values[0]}")  # one verdict search per pair
-                marks = [*p.marks, group, *([pytest.mark.skip(reason=rw.off_device())] if rw.off_device() else [])]
+                marks = [*p.marks, group, *([pytest.mark.skip(reason=rw.unavailable())] if rw.unavailable() else [])]
                 params.append(pytest.param((rw, *p.values), id=f"{rw.name}-{p.id}", marks=marks))
         metafunc.parametrize("rewrite_case", params)
     elif {"backend", "dtype"} <= set(metafunc.fixturenames):

@@ -169,8 +169,8 @@ def _run_verify(
 
     work = workers.tasks(rewrites, names)
     for rw in rewrites:
-        if rw.off_device():
-            progress(f"skipping {rw.off_device()}")
+        if rw.unavailable():
+            progress(f"skipping {rw.unavailable()}")
     rank = {rw.identity: i for i, rw in enumerate(rewrites)}
     order = lambda r: (rank[(r.source, r.rewrite)], names.index(r.backend))  # catalogue order, not arrival
     stream = report.Stream(cfg.report_dir, meta, len(work), order)

@@ -29,6 +29,7 @@ another's place.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class Rewrite:
     load_error: str | None = None  # set when a plugin could not be loaded
     level: Literal["sublayer", "core"] = "sublayer"  # core: fn(q, k, v) -> o, projections supplied
     devices: tuple[str, ...] = DEVICES  # where it can run: a CUDA-only kernel says ("cuda",)
+    requires: str | None = None  # a module it needs beyond its backend (e.g. "transformers")
 
     def __post_init__(self) -> None:
         if self.claim is not None:
@@ -78,12 +80,15 @@ class Rewrite:
 
     def runs_on(self, backend: str) -> bool:
         """Whether this rewrite exists for `backend` (a library kernel exists for one only)
-        on this process's device; a plugin that failed to load is run everywhere, to be reported."""
+        and can run here (`unavailable`); a plugin that failed to load is run everywhere, to be reported."""
         exists = self.load_error is not None or self.fn is not None or backend in self.backends
-        return exists and self.off_device() is None
+        return exists and self.unavailable() is None
 
-    def off_device(self) -> str | None:
-        """Why this rewrite cannot run on this process's device (None: it can)."""
+    def unavailable(self) -> str | None:
+        """Why this rewrite cannot run here (None: it can): a library it needs is not
+        installed, or it exists on another device only."""
+        if self.requires is not None and importlib.util.find_spec(self.requires) is None:
+            return f"{self.name} needs {self.requires}, which is not installed"
         here = device()
         return None if here in self.devices else f"{self.name} runs on {' or '.join(self.devices)} only, not {here}"
 

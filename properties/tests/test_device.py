@@ -77,9 +77,9 @@ def test_a_cuda_only_kernel_is_skipped_on_the_cpu_with_its_reason(tmp_path, caps
     (kernel,) = catalogue(names=["torch_sdpa_efficient"])
     assert kernel.devices == ("cuda",)
     assert not kernel.runs_on("torch")
-    assert kernel.off_device() == "torch_sdpa_efficient runs on cuda only, not cpu"
+    assert kernel.unavailable() == "torch_sdpa_efficient runs on cuda only, not cpu"
     (everywhere,) = catalogue(names=["torch_sdpa_math"])
-    assert everywhere.off_device() is None and everywhere.runs_on("torch")
+    assert everywhere.unavailable() is None and everywhere.runs_on("torch")
     argv = ["verify", "--rewrite", "torch_sdpa_efficient", "--backend", "torch", "--report", str(tmp_path / "r")]
     assert cli.main([*argv, "--no-gpt2", "--examples", "1"]) == cli.OK
     assert "skipping torch_sdpa_efficient runs on cuda only, not cpu" in capsys.readouterr().err
@@ -129,7 +129,7 @@ def test_a_plugin_declares_a_kernel_that_exists_on_cuda_only():
         return q
 
     assert cuda_kernel.devices == ("cuda",) and not cuda_kernel.runs_on("torch")
-    assert cuda_kernel.off_device() == "cuda_kernel runs on cuda only, not cpu"
+    assert cuda_kernel.unavailable() == "cuda_kernel runs on cuda only, not cpu"
 
 
 def test_a_counterexample_found_on_a_gpu_says_so_and_replays_there(tmp_path, monkeypatch, capsys):
@@ -147,3 +147,11 @@ def test_a_counterexample_found_on_a_gpu_says_so_and_replays_there(tmp_path, mon
     monkeypatch.undo()
     assert cli.main(["replay", ce.file]) == 1
     assert "found on cuda, replayed on cpu (--device)" in capsys.readouterr().err
+
+
+def test_a_rewrite_whose_library_is_absent_is_skipped_with_the_reason():
+    (hf,) = catalogue(names=["hf_gpt2_eager"])
+    assert hf.requires == "transformers"
+    absent = type(hf)(**{**hf.__dict__, "requires": "no_such_library_of_attention"})
+    assert not absent.runs_on("torch")
+    assert absent.unavailable() == "hf_gpt2_eager needs no_such_library_of_attention, which is not installed"

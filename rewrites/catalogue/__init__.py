@@ -3,6 +3,7 @@ write it: a plain function with the oracle's signature, decorated with its claim
 
 from rewrites.catalogue import (
     heads,
+    huggingface,
     kv_cache,
     last_token,
     length_mutants,
@@ -16,7 +17,20 @@ from rewrites.catalogue import (
 )
 from rewrites.registry import Rewrite
 
-FAMILIES = (last_token, kv_cache, heads, softmax, scale, masks, projections, tiles, libraries, length_mutants, mutants)
+FAMILIES = (
+    last_token,
+    kv_cache,
+    heads,
+    softmax,
+    scale,
+    masks,
+    projections,
+    tiles,
+    libraries,
+    huggingface,
+    length_mutants,
+    mutants,
+)
 CATALOGUE: tuple[Rewrite, ...] = tuple(
     obj for family in FAMILIES for obj in vars(family).values() if isinstance(obj, Rewrite)
 )

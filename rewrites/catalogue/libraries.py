@@ -15,7 +15,7 @@ import warnings
 from rewrites.registry import Rewrite
 
 
-def _version(dist: str) -> str:
+def installed_version(dist: str) -> str:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -82,7 +82,7 @@ def _kernel(
 ) -> Rewrite:
     return Rewrite(
         name,
-        f"{what} ({dist} {_version(dist)})",
+        f"{what} ({dist} {installed_version(dist)})",
         "library",
         None,
         claim=claim,
