@@ -77,6 +77,27 @@ def _jax_dpa(implementation: str):
 jax_dot_product_attention = _jax_dpa("xla")
 
 
+def picogpt_mha(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """picoGPT's `mha` in its own idiom, for one sequence [n_seq, n_embd] at a time (picoGPT
+    has no batch): np.split into q, k, v and into heads, the additive mask
+    (1 - tri) * -1e10, attention head by head, np.hstack, the output projection."""
+    import numpy as np
+
+    def softmax(z):
+        e = np.exp(z - np.max(z, axis=-1, keepdims=True))
+        return e / np.sum(e, axis=-1, keepdims=True)
+
+    def one(t):  # [n_seq, n_embd] -> [n_seq, n_embd]
+        qkv = np.split(t @ c_attn_w + c_attn_b, 3, axis=-1)  # 3 x [n_seq, n_embd]
+        heads = [np.split(m, n_head, axis=-1) for m in qkv]  # 3 x n_head x [n_seq, head_dim]
+        mask = (1 - np.tri(t.shape[0], dtype=t.dtype)) * -1e10  # [n_seq, n_seq]
+        out = [softmax(q @ k.T / np.sqrt(q.shape[-1]) + mask) @ v for q, k, v in zip(*heads, strict=True)]
+        return np.hstack(out) @ c_proj_w + c_proj_b
+
+    flat = x.reshape(-1, *x.shape[-2:])  # [B, n_seq, n_embd]
+    return np.stack([one(t) for t in flat]).reshape(x.shape)
+
+
 def _kernel(
     name: str, backend: str, fn, claim: str, what: str, dist: str, devices: tuple[str, ...] = ("cpu", "cuda")
 ) -> Rewrite:
@@ -112,6 +133,17 @@ torch_flex = _kernel(
     "torch_flex_attention", "torch", torch_flex_attention, "equivalent",
     "torch flex_attention with a causal mask_mod, eager", "torch",
 )  # fmt: skip
+picogpt = Rewrite(
+    "picogpt_mha",
+    "picoGPT's mha as picoGPT writes it: split heads, (1 - tri) * -1e10 mask, hstack",
+    "library",
+    None,
+    # No claim, reported only: it differs per dtype. float64: the -1e10 mask leaks at logits
+    # near 1e10 (as masks.mask_pico_minus_1e10). float32: under NumPy 2 `/ np.sqrt(d)`
+    # divides by a float64 scalar, which promotes (NEP 50), and the output is float64.
+    claim=None,
+    backends={"numpy": picogpt_mha},
+)
 jax_dpa_xla = _kernel(
     "jax_dot_product_attention", "jax", jax_dot_product_attention, "imprecise",
     'jax.nn.dot_product_attention(is_causal=True, implementation="xla")', "jax",
