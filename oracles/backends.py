@@ -160,6 +160,7 @@ def _jax(device: str) -> Backend:
     except RuntimeError as e:  # no such platform in this jaxlib, or no device of it
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise BackendUnavailable(f"jax {jax.__version__} has no {device} device here ({reason})") from e
+    _persistent_compilation_cache(jax)
     # Also on a machine with a GPU, "cpu" means the CPU (JAX would default to the GPU).
     _ON_SWITCH["jax"] = lambda d: jax.config.update("jax_default_device", jax.devices(d)[0])
     _ON_SWITCH["jax"](device)
@@ -203,6 +204,23 @@ def _jax(device: str) -> Backend:
         abstract=jax.ShapeDtypeStruct,
         loop_tokens=16,
     )
+
+
+#: Compilations faster than this are not written to JAX's disk cache: reading one back
+#: costs about as much as compiling it again (eager JAX compiles each primitive, ~10 ms).
+PERSISTENT_MIN_COMPILE_S = 0.1
+
+
+def _persistent_compilation_cache(jax: Any) -> None:
+    """Compiled XLA programs kept on disk beside the truth cache (`jax-compiled/`), so a
+    second run, and every worker of a run, compiles each program once: JAX compilations
+    were most of a warm run's time. Off where the truth cache is off."""
+    from oracles.reference import cache_dir
+
+    folder = cache_dir()
+    if folder is not None and not jax.config.jax_compilation_cache_dir:  # the user's own setting wins
+        jax.config.update("jax_compilation_cache_dir", str(folder / "jax-compiled"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", PERSISTENT_MIN_COMPILE_S)
 
 
 def _torch(device: str) -> Backend:

@@ -6,6 +6,7 @@ file (one line naming it, before any work), 3 the tool itself failed, 130 interr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -100,11 +101,15 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise UsageError(f"argument --dtype: {', '.join(names)} computes in none of {', '.join(dtypes)}")
     gpt2_inputs, not_run = _real_layers(args)
     folder = writable_folder(args.report, "--report")
+    database = _database(args.database, folder)
     cfg = Config(examples=args.examples, gpt2_n_seq=args.gpt2_n_seq, gpt2_weights=args.gpt2_weights,
-                 report_dir=folder, dtypes=dtypes, device=args.device)  # fmt: skip
+                 report_dir=folder, dtypes=dtypes, device=args.device, database=database,
+                 seed=args.seed)  # fmt: skip
     meta = {
         "backends": names,
         "device": args.device,
+        "database": database,
+        "seed": cfg.seed,
         "examples": args.examples,
         "gpt2_n_seq": args.gpt2_n_seq if gpt2_inputs else None,
         "gpt2_layers": not_run,
@@ -112,7 +117,58 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "jobs": args.jobs,
         "timeout_s": args.timeout,
     }
+    if args.explore:
+        return _explore(args, cfg, rewrites, names, gpt2_inputs, meta)
+    if args.budget is not None:
+        raise UsageError("argument --budget: only with --explore")
     return _run_verify(args, cfg, rewrites, names, gpt2_inputs, meta)
+
+
+def _database(spec: str | None, report: Path) -> str | None:
+    """The example database a run uses: REPORT/examples by default, none for no database;
+    a bad one is a usage error naming it."""
+    from rewrites.verify.database import open_database
+
+    if spec is not None and spec.lower() == "none":
+        return None
+    spec = spec or str(report / "examples")
+    open_database(spec)  # ValueError (exit 2) with one line naming it
+    return spec
+
+
+def _explore(
+    args: argparse.Namespace, cfg: Config, rewrites: list[Rewrite], names: list[str], gpt2_inputs: bool, meta: dict
+) -> int:
+    """Rounds of the whole run with seeds seed, seed + 1, ... until the budget is spent (a
+    round that starts in time runs to its end). What any round finds is in the database, so
+    the default run tries it first; the report is the last round's."""
+    if args.budget is None:
+        raise UsageError("argument --explore: needs --budget (e.g. --budget 10m)")
+    if cfg.database is None:
+        raise UsageError("argument --explore: needs a database to feed (not --database none)")
+    end, status, seed = time.monotonic() + args.budget, OK, cfg.seed or 0
+    while time.monotonic() < end:
+        progress(f"exploring with seed {seed} ({end - time.monotonic():.0f} s of the budget left)")
+        round_cfg = dataclasses.replace(cfg, seed=seed)
+        status = _run_verify(args, round_cfg, rewrites, names, gpt2_inputs, {**meta, "seed": seed})
+        if status in (INTERRUPTED, FAILED):
+            return status
+        seed += 1
+    progress(f"explored seeds {cfg.seed or 0} to {seed - 1}; what they found is in {cfg.database}")
+    return status
+
+
+def _duration(text: str) -> float:
+    """Seconds from 600, 90s, 10m or 2h."""
+    units = {"s": 1, "m": 60, "h": 3600}
+    number, unit = (text[:-1], units[text[-1]]) if text and text[-1] in units else (text, 1)
+    try:
+        seconds = float(number) * unit
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration (600, 90s, 10m, 2h)") from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive duration")
+    return seconds
 
 
 def _backends(args: argparse.Namespace) -> list[str]:
@@ -483,6 +539,21 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"seconds one rewrite may take on one backend before it is stopped and judged error "
         f"(default {DEFAULT_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--database",
+        default=None,
+        help="where failing examples are kept and tried first next time: a folder, module:attribute "
+        "(any Hypothesis example database), or none (default REPORT/examples)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=None, help="the searches' seed (default 0; with --explore, where to start)"
+    )
+    p.add_argument(
+        "--explore",
+        action="store_true",
+        help="search again and again with new seeds until --budget is spent, feeding the database",
+    )
+    p.add_argument("--budget", type=_duration, default=None, help="with --explore: how long, e.g. 600, 10m, 2h")
     p.set_defaults(run=cmd_verify)
 
     p = sub.add_parser("bench", help="benchmarks: the O(N) last-token claim, KV-cache steps, GFLOP/s")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
 from rewrites.verify import counterexamples, inputs
+from rewrites.verify.database import open_database
 from rewrites.verify.decide import Decision, Run, decide, witness
 from rewrites.verify.judge import References
 from rewrites.verify.record import Search, Stage
@@ -33,6 +34,8 @@ class Config:
     explicit_examples: bool = True  # try inputs.known_hard() before each synthetic search
     profile: inputs.Profile = inputs.FULL  # how far the searches go
     device: str = field(default_factory=backends.device)  # where PyTorch and JAX compute (backends.use_device)
+    database: str | None = None  # the example database (database.open_database): None, a folder, module:attr
+    seed: int | None = None  # None: derandomised searches, the same problems every run; else this seed's
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,8 @@ class Verifier:
             # Another dtype's search for float64's formula failure (decide.py): what it finds
             # is the same fault, already shrunk and diagnosed in float64; shrinking it again
             # took most of these searches' time (the cut still makes its length exact).
-            return hypothesis_search(bands, s, self.refs, self.config.examples, explicit, shrink=first is None)
+            db, seed = open_database(self.config.database), self.config.seed
+            return hypothesis_search(bands, s, self.refs, self.config.examples, explicit, first is None, db, seed)
 
         return self._results(rw, backend, Inputs.HYPOTHESIS, run)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -16,10 +17,12 @@ from hypothesis.errors import NoSuchExample
 from oracles.problem import AttentionProblem
 from oracles.reference import size
 from rewrites.verify.cut import to_first_failing_length
+from rewrites.verify.database import encode, remembered, unit_key
 from rewrites.verify.judge import References
 from rewrites.verify.record import Search
 
 if TYPE_CHECKING:
+    from hypothesis.database import ExampleDatabase
     from hypothesis.strategies import SearchStrategy
 
 
@@ -52,6 +55,8 @@ def hypothesis_search(
     examples: int,
     explicit: Sequence[AttentionProblem] = (),
     shrink: bool = True,
+    database: ExampleDatabase | None = None,
+    seed: int | None = None,
 ) -> Search:
     """Try the `explicit` problems, then search each band of strategies in turn with an
     equal share of `examples` (derandomised: every rewrite sees the same problems), steered
@@ -59,15 +64,24 @@ def hypothesis_search(
     SHRINK_EXAMPLES_PER_EXAMPLE x `examples` more evaluations: shrinking a 2049-token
     problem can take hundreds, and the cut below makes the length exact anyway), then cut
     it to its exact first failing length. `s` is filled in. Without `shrink` the first
-    failure is kept as found (and still cut)."""
+    failure is kept as found (and still cut). What `database` holds for this search is
+    tried before anything else, and what fails is saved there (database.py). `seed`: None
+    for the derandomised search (the same problems every run), else that seed's."""
     without_local_constants()
+    key = unit_key(s.rewrite.source, s.rewrite.name, s.backend, s.dtype, s.stage.value)
+    for value, problem in remembered(database, key):
+        s.examples += 1
+        if s.failing(problem, refs) is not None:
+            s.failure = problem
+            break
+        database.delete(key, value)  # passes now: the rewrite was fixed (or the bound changed)
     budget = s.examples + len(explicit) + examples * (1 + SHRINK_EXAMPLES_PER_EXAMPLE)
     smallest: list[AttentionProblem] = []  # the smallest failing problem so far
     start = time.perf_counter()
     opts = settings(
         max_examples=examples,
-        derandomize=True,
-        database=None,
+        derandomize=seed is None,
+        database=None,  # ours is tried above: Hypothesis's own would change what it draws
         deadline=None,
         suppress_health_check=list(HealthCheck),
         phases=[Phase.generate, Phase.target, *([Phase.shrink] if shrink else [])],
@@ -83,7 +97,7 @@ def hypothesis_search(
             smallest[:] = [problem]
         return failed
 
-    for problem in explicit:
+    for problem in explicit if s.failure is None else ():
         s.examples += 1
         if s.failing(problem, refs) is not None:
             s.failure = problem
@@ -93,13 +107,16 @@ def hypothesis_search(
             break
         share = examples * (i + 1) // len(bands) - examples * i // len(bands)
         try:
-            s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)))
+            seeded = None if seed is None else random.Random(seed)
+            s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)), random=seeded)
         except NoSuchExample:
             pass
         except _ShrinkBudgetSpent:
             s.failure = smallest[0]
     if s.failure is not None:
         to_first_failing_length(s, refs)
+        if database is not None:
+            database.save(key, encode(s.failure))  # the same problem saved twice is one entry
     s.seconds = time.perf_counter() - start
     return s
 
