@@ -35,6 +35,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--no-gpt2", action="store_true", help="skip the real GPT-2 layers (--attention-rewrites)")
     group.addoption("--rewrites-report", default=None, help="where counterexamples are saved (default: a temp dir)")
     group.addoption(
+        "--rewrites-database",
+        default=".hypothesis/attention-rewrites",
+        help="example database: failing problems kept and tried first next time (a folder, module:attribute, "
+        "or none; default .hypothesis/attention-rewrites, beside Hypothesis's own)",
+    )
+    group.addoption(
         "--device", default="cpu", choices=backends.DEVICES, help="where PyTorch and JAX compute (default cpu)"
     )
 
@@ -151,7 +157,10 @@ def _verdicts(config: pytest.Config) -> Callable:
     weights = config.getoption("gpt2_weights")
     report = config.getoption("rewrites_report") or tempfile.mkdtemp(prefix="attention-rewrites-")
     examples = config.getoption("examples") or 30
-    verifier = Verifier(Config(examples=examples, gpt2_weights=weights, report_dir=Path(report), dtypes=CLAIM_DTYPES))
+    database = config.getoption("rewrites_database")
+    database = None if database.lower() == "none" else database
+    verifier = Verifier(Config(examples=examples, gpt2_weights=weights, report_dir=Path(report), dtypes=CLAIM_DTYPES,
+                               database=database))  # fmt: skip
     with_gpt2 = not config.getoption("no_gpt2") and _weights_found(weights)
     cache: dict[tuple, list[Result]] = {}
 
