@@ -99,7 +99,8 @@ def test_a_fixed_rewrite_with_stale_entries_still_gets_the_full_search(tmp_path)
 def test_bad_database_and_exploration_arguments_are_one_line_errors(tmp_path, capsys, argv, message):
     (tmp_path / "f").write_text("x")
     argv = [a.replace("{file}", str(tmp_path / "f")) for a in argv]
-    assert cli.main(["verify", "--rewrite", MUTANT, "--report", str(tmp_path / "r"), *argv]) == cli.USAGE
+    base = ["verify", "--rewrite", MUTANT, "--backend", "numpy", "--report", str(tmp_path / "r")]
+    assert cli.main([*base, *argv]) == cli.USAGE
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
 
