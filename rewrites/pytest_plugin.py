@@ -139,12 +139,14 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     chosen = config.getoption("backend") or backends.available()
     verdicts = _verdicts(config)
     for rw in rewrites:
-        for backend in (b for b in chosen if rw.runs_on(b)):
+        for backend in (b for b in chosen if rw.exists_for(b)):
             for dtype in CLAIM_DTYPES:
                 name = f"{rw.name}[{backend}-{dtype}]"
                 item = RewriteItem.from_parent(
                     session, name=name, rewrite=rw, backend=backend, dtype=dtype, verdicts=verdicts
                 )
+                if rw.unavailable():  # another device only, or a library missing: said, not hidden
+                    item.add_marker(pytest.mark.skip(reason=rw.unavailable()))
                 items.append(item)
 
 

@@ -81,8 +81,11 @@ class Rewrite:
     def runs_on(self, backend: str) -> bool:
         """Whether this rewrite exists for `backend` (a library kernel exists for one only)
         and can run here (`unavailable`); a plugin that failed to load is run everywhere, to be reported."""
-        exists = self.load_error is not None or self.fn is not None or backend in self.backends
-        return exists and self.unavailable() is None
+        return self.exists_for(backend) and self.unavailable() is None
+
+    def exists_for(self, backend: str) -> bool:
+        """Whether there is code of this rewrite for `backend`, wherever it can run."""
+        return self.load_error is not None or self.fn is not None or backend in self.backends
 
     def unavailable(self) -> str | None:
         """Why this rewrite cannot run here (None: it can): a library it needs is not
