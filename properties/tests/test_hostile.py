@@ -430,7 +430,7 @@ def test_a_bad_argument_or_file_is_one_line_and_exit_2(case, bad_inputs, tmp_pat
         argv += ["--report", str(tmp_path / "report")]
     assert cli.main(argv) == cli.USAGE
     out, err = capsys.readouterr()
-    assert out == "" and len(err.strip().splitlines()) == 1 and named in err, err
+    assert out == "" and len(said(err)) == 1 and named in err, err
     assert not (tmp_path / "report" / JSONL).exists()  # no work was done
 
 
@@ -438,7 +438,12 @@ def test_weights_named_by_the_environment_must_exist(tmp_path, capsys, monkeypat
     monkeypatch.setenv(gpt2.ENV_VAR, str(tmp_path / "gone.safetensors"))
     assert cli.main(["verify", "--report", str(tmp_path / "r")]) == cli.USAGE
     err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1 and "gone.safetensors" in err
+    assert len(said(err)) == 1 and "gone.safetensors" in err
+
+
+def said(err: str) -> list[str]:
+    """stderr's lines but the notes on backends that are not installed (tox -e numpy)."""
+    return [line for line in err.strip().splitlines() if not line.startswith("skipping ")]
 
 
 # --- a fresh machine without weights; the tool's own failure ---------------------------------

