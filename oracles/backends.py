@@ -255,8 +255,9 @@ _FACTORIES = {"numpy": _numpy, "jax": _jax, "torch": _torch}
 
 
 def use_device(device: str) -> None:
-    """Compute on `device` ("cpu" or "cuda") from now on in this process. Backends already
-    loaded for another device are dropped (their arrays stay where they are)."""
+    """Compute on `device` ("cpu" or "cuda") from now on in this process: `get` returns the
+    backends loaded for it, and each loaded one makes it its default for new arrays. Arrays
+    made before stay where they are."""
     if device not in DEVICES:
         raise ValueError(f"unknown device {device!r}; choose from {', '.join(DEVICES)}")
     if device != _DEVICE[0]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -65,17 +66,20 @@ class AttentionProblem:
             f"n_head={self.n_head} head_dim={self.head_dim} max|x|={np.abs(self.x).max():.3g}"
         )
 
+    def fields(self) -> dict[str, np.ndarray | int | str]:
+        """What an .npz of this problem holds (`save`, and the example database's entries)."""
+        return {**dict(zip(("x", *WEIGHTS), self.arrays(), strict=True)), "n_head": self.n_head, "label": self.label}
+
     def save(self, path: str | Path, **extra: np.ndarray | str) -> Path:
         """Write the problem (plus any `extra` arrays or strings) to an .npz file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = dict(zip(("x", *WEIGHTS), self.arrays(), strict=True))
-        np.savez_compressed(path, n_head=self.n_head, label=self.label, **arrays, **extra)
+        np.savez_compressed(path, **self.fields(), **extra)
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> AttentionProblem:
-        """Read a problem written by `save` (e.g. a counterexample)."""
+    def load(cls, path: str | Path | BinaryIO) -> AttentionProblem:
+        """Read a problem written by `save` (e.g. a counterexample), from a file or its bytes."""
         with np.load(path) as f:
             missing = [k for k in ("x", *WEIGHTS, "n_head") if k not in f]
             if missing:

@@ -117,6 +117,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         "jobs": args.jobs,
         "timeout_s": args.timeout,
     }
+    for why in filter(None, (rw.unavailable() for rw in rewrites)):
+        progress(f"skipping {why}")  # once, not once per round of --explore
     if args.explore:
         return _explore(args, cfg, rewrites, names, gpt2_inputs, meta)
     if args.budget is not None:
@@ -224,9 +226,6 @@ def _run_verify(
     from rewrites.verify import workers
 
     work = workers.tasks(rewrites, names)
-    for rw in rewrites:
-        if rw.unavailable():
-            progress(f"skipping {rw.unavailable()}")
     rank = {rw.identity: i for i, rw in enumerate(rewrites)}
     order = lambda r: (rank[(r.source, r.rewrite)], names.index(r.backend))  # catalogue order, not arrival
     stream = report.Stream(cfg.report_dir, meta, len(work), order)
@@ -546,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(any Hypothesis example database), or none (default REPORT/examples)",
     )
     p.add_argument(
-        "--seed", type=int, default=None, help="the searches' seed (default 0; with --explore, where to start)"
+        "--seed", type=int, default=None, help="seed the searches (default: derandomised; --explore starts at 0)"
     )
     p.add_argument(
         "--explore",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import warnings
 
+from oracles.backends import DEVICES
 from rewrites.registry import Rewrite
 
 
@@ -99,7 +100,7 @@ def picogpt_mha(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 
 def _kernel(
-    name: str, backend: str, fn, claim: str, what: str, dist: str, devices: tuple[str, ...] = ("cpu", "cuda")
+    name: str, backend: str, fn, claim: str, what: str, dist: str, devices: tuple[str, ...] = DEVICES
 ) -> Rewrite:
     return Rewrite(
         name,

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from hypothesis.database import DirectoryBasedExampleDatabase, ExampleDatabase
 
-from oracles.problem import WEIGHTS, AttentionProblem
+from oracles.problem import AttentionProblem
 
 
 @cache
@@ -68,13 +68,11 @@ def remembered(db: ExampleDatabase | None, key: bytes) -> list[tuple[bytes, Atte
 
 
 def encode(problem: AttentionProblem) -> bytes:
+    """The problem as the bytes of the .npz that `AttentionProblem.save` writes."""
     buffer = io.BytesIO()
-    arrays = dict(zip(("x", *WEIGHTS), problem.arrays(), strict=True))
-    np.savez_compressed(buffer, n_head=problem.n_head, label=problem.label, **arrays)
+    np.savez_compressed(buffer, **problem.fields())
     return buffer.getvalue()
 
 
 def decode(value: bytes) -> AttentionProblem:
-    with np.load(io.BytesIO(value), allow_pickle=False) as f:
-        arrays = [np.asarray(f[k], np.float64) for k in ("x", *WEIGHTS)]
-        return AttentionProblem(*arrays, n_head=int(f["n_head"]), label=str(f["label"]))
+    return AttentionProblem.load(io.BytesIO(value))
