@@ -105,8 +105,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = Config(examples=args.examples, gpt2_n_seq=args.gpt2_n_seq, gpt2_weights=args.gpt2_weights,
                  report_dir=folder, dtypes=dtypes, device=args.device, database=database,
                  seed=args.seed)  # fmt: skip
+    if args.address is not None and args.executor != "ray":
+        raise UsageError("argument --address: only with --executor ray")
+    if args.jobs is None and args.executor == "pool":
+        args.jobs = min(2, os.cpu_count() or 1)  # under Ray, None: one actor per CPU of the cluster
     meta = {
         "backends": names,
+        "executor": args.executor,
         "device": args.device,
         "database": database,
         "seed": cfg.seed,
@@ -119,11 +124,28 @@ def cmd_verify(args: argparse.Namespace) -> int:
     }
     for why in filter(None, (rw.unavailable() for rw in rewrites)):
         progress(f"skipping {why}")  # once, not once per round of --explore
-    if args.explore:
-        return _explore(args, cfg, rewrites, names, gpt2_inputs, meta)
-    if args.budget is not None:
+    if args.budget is not None and not args.explore:
         raise UsageError("argument --budget: only with --explore")
-    return _run_verify(args, cfg, rewrites, names, gpt2_inputs, meta)
+    with _executor(args):
+        if args.explore:
+            return _explore(args, cfg, rewrites, names, gpt2_inputs, meta)
+        return _run_verify(args, cfg, rewrites, names, gpt2_inputs, meta)
+
+
+@contextmanager
+def _executor(args: argparse.Namespace) -> Iterator[None]:
+    """Connected to Ray for --executor ray (one line if it cannot be: exit 2); the local
+    pool needs nothing."""
+    if args.executor != "ray":
+        yield
+        return
+    from rewrites.verify import on_ray
+
+    try:
+        with on_ray.cluster(args.address, gpu=args.device == "cuda"):
+            yield
+    except on_ray.RayUnavailable as e:
+        raise UsageError(str(e)) from None
 
 
 def _database(spec: str | None, report: Path) -> str | None:
@@ -234,7 +256,12 @@ def _run_verify(
     jobs = None
     try:
         with _sigterm_interrupts():
-            jobs = workers.stream(cfg, work, gpt2_inputs, args.jobs, args.timeout, not args.no_plugins)
+            if args.executor == "ray":
+                from rewrites.verify import on_ray
+
+                jobs = on_ray.stream(cfg, work, gpt2_inputs, args.jobs, args.timeout, not args.no_plugins)
+            else:
+                jobs = workers.stream(cfg, work, gpt2_inputs, args.jobs, args.timeout, not args.no_plugins)
             for k, done in enumerate(jobs, 1):
                 stream.add(done.results)
                 run.add(done)
@@ -528,8 +555,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--jobs",
         type=_at_least(1, int),
-        default=min(2, os.cpu_count() or 1),
-        help="worker processes; every rewrite x backend runs in one, apart from the run (default 2)",
+        default=None,
+        help="worker processes; every rewrite x backend runs in one, apart from the run (default 2; "
+        "under --executor ray one per CPU of the cluster)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("pool", "ray"),
+        default="pool",
+        help="pool: worker processes on this machine (default); ray: actors on a Ray cluster (attention-rewrites[ray])",
+    )
+    p.add_argument(
+        "--address", default=None, help="with --executor ray: the cluster (default $RAY_ADDRESS, else local)"
     )
     p.add_argument(
         "--timeout",

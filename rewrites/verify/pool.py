@@ -130,7 +130,10 @@ class Pool:
         self.failed_starts = 0
 
     def run(self, pending: deque[Task], jobs: int) -> Iterator[Done]:
-        self.workers = [Worker(self.ctx, self.args) for _ in range(jobs)]
+        """Each pending task's Done as it finishes, on `jobs` workers; workers still alive
+        from an earlier run (idle, caches warm) are used again."""
+        while len(self.workers) < jobs:
+            self.workers.append(Worker(self.ctx, self.args))
         while pending or any(w.task for w in self.workers):
             for w in self.workers:
                 if w.ready and w.task is None and pending:
