@@ -12,6 +12,7 @@ from rewrites.catalogue import (
     mutants,
     projections,
     scale,
+    serving,
     softmax,
     tiles,
 )
@@ -26,6 +27,7 @@ FAMILIES = (
     masks,
     projections,
     tiles,
+    serving,
     libraries,
     huggingface,
     length_mutants,

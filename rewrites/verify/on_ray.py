@@ -15,6 +15,7 @@ import dataclasses
 import os
 import socket
 import tempfile
+import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -91,7 +92,9 @@ def cluster(address: str | None = None, gpu: bool = False) -> Iterator[None]:
     if started:
         _reachable(address or os.environ.get("RAY_ADDRESS"))
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            with warnings.catch_warnings():  # Ray starts its processes by fork + exec, which JAX warns of
+                warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
         except Exception as e:  # Ray raises ConnectionError, RuntimeError, ValueError...
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise RayUnavailable(
