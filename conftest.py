@@ -148,6 +148,7 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
                 dtypes=CLAIM_DTYPES,
                 profile=profile,
                 explicit_examples=explicit,
+                invariance=False,  # measured by `verify`; its rule is tested in test_invariance.py
             )
         )
 

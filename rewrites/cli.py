@@ -104,7 +104,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     database = _database(args.database, folder)
     cfg = Config(examples=args.examples, gpt2_n_seq=args.gpt2_n_seq, gpt2_weights=args.gpt2_weights,
                  report_dir=folder, dtypes=dtypes, device=args.device, database=database,
-                 seed=args.seed)  # fmt: skip
+                 seed=args.seed, invariance=not args.no_invariance)  # fmt: skip
     if args.address is not None and args.executor != "ray":
         raise UsageError("argument --address: only with --executor ray")
     if args.jobs is None and args.executor == "pool":
@@ -552,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-gpt2", action="store_true", help="skip the real GPT-2 layers")
     p.add_argument("--no-plugins", action="store_true", help="built-in catalogue only")
+    p.add_argument("--no-invariance", action="store_true", help="skip the bitwise batch, prefix and determinism checks")
     p.add_argument(
         "--jobs",
         type=_at_least(1, int),

@@ -88,7 +88,8 @@ def assert_rewrite(
 
     doc = (fn.__doc__ or "").strip().splitlines()
     rw = Rewrite(getattr(fn, "__name__", "rewrite"), doc[0] if doc else "", "user", fn, output, claim, level=level)
-    verifier = Verifier(Config(examples=examples, gpt2_weights=gpt2_weights, report_dir=Path(report_dir)))
+    verifier = Verifier(Config(examples=examples, gpt2_weights=gpt2_weights, report_dir=Path(report_dir),
+                               invariance=False))  # fmt: skip
     results = verifier.verify_one(rw, list(backends), gpt2_inputs=real_layers and _weights_found(gpt2_weights))
     bad = [r for r in results if not r.claim_holds]
     if bad:
@@ -162,7 +163,7 @@ def _verdicts(config: pytest.Config) -> Callable:
     database = config.getoption("rewrites_database")
     database = None if database.lower() == "none" else database
     verifier = Verifier(Config(examples=examples, gpt2_weights=weights, report_dir=Path(report), dtypes=CLAIM_DTYPES,
-                               database=database))  # fmt: skip
+                               database=database, invariance=False))  # fmt: skip (invariances: `verify`'s report)
     with_gpt2 = not config.getoption("no_gpt2") and _weights_found(weights)
     cache: dict[tuple, list[Result]] = {}
 

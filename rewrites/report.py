@@ -122,6 +122,28 @@ def mutant_table(results: Sequence[Result]) -> str:
     return markdown_table(header, rows)
 
 
+INVARIANCE_LEGEND = (
+    "b batch, p prefix, d deterministic: the letter where the bits are the same, - where they differ "
+    "(the witness is in verdicts.json), ? not measured"
+)
+
+
+def invariance_table(results: Sequence[Result]) -> str:
+    """Rows: rewrites; columns: backend/dtype; cells: the three bitwise invariances (one
+    result per backend x dtype carries them: both input sources share one measurement)."""
+    rs = [r for r in results if r.inputs is Inputs.HYPOTHESIS and r.invariance]
+    if not rs:
+        return ""
+    header, rows = matrix(rs, Inputs.HYPOTHESIS)
+    cells = {(r.rewrite, r.backend, r.dtype): r.invariance for r in rs}
+    cols = _columns(rs)
+    names = ("batch", "prefix", "deterministic")
+    mark = lambda i: "".join(k[0] if i[k] else "?" if i[k] is None else "-" for k in names)
+    for row in rows:
+        row[3:] = ["" if i is None else mark(i) for i in (cells.get((row[0], b, d)) for b, d in cols)]
+    return f"{markdown_table(header, rows)}\n\n{INVARIANCE_LEGEND}"
+
+
 def throughput_summary(meta: dict) -> str:
     """Median Hypothesis examples per second per backend, and the JAX compilations of the run."""
     by: dict[str, list[float]] = {}
@@ -153,6 +175,7 @@ def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
         summary(results),
         throughput_summary(meta),
         f"## Counterexamples found\n\n{mutant_table(results)}",
+        f"## Bitwise invariances\n\n{invariance_table(results)}" if invariance_table(results) else "",
     ]
     (directory / "verdicts.md").write_text("\n\n".join(p for p in parts if p) + "\n")
     index = directory / "index.html"

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
-from rewrites.verify import counterexamples, inputs
+from rewrites.verify import counterexamples, inputs, invariance
 from rewrites.verify.database import open_database
 from rewrites.verify.decide import Decision, Run, decide, witness
 from rewrites.verify.judge import References
@@ -36,6 +36,7 @@ class Config:
     device: str = field(default_factory=backends.device)  # where PyTorch and JAX compute (backends.use_device)
     database: str | None = None  # the example database (database.open_database): None, a folder, module:attr
     seed: int | None = None  # None: derandomised searches, the same problems every run; else this seed's
+    invariance: bool = True  # measure the bitwise invariances beside each verdict (invariance.py)
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,18 @@ class Verifier:
             self.throughput.append(
                 Throughput(rw.name, backend, examples, round(seconds, 3), round(examples / seconds, 1))
             )
-            results += rs
             if gpt2_inputs:
-                results += self.gpt2_results(rw, backend)
+                rs += self.gpt2_results(rw, backend)
+            results += self._with_invariance(rw, backend, rs)
             backends.get(backend).release()
         return results
+
+    def _with_invariance(self, rw: Rewrite, backend: str, rs: list[Result]) -> list[Result]:
+        """Each result with its backend x dtype's invariances (measured once per dtype)."""
+        if not self.config.invariance or rw.load_error:
+            return rs
+        found = {d: dataclasses.asdict(invariance.measure(rw, backend, d)) for d in dict.fromkeys(r.dtype for r in rs)}
+        return [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
 
     def verify(
         self, rewrites: Iterable[Rewrite], backend_names: Iterable[str], gpt2_inputs: bool = True, jobs: int = 1

@@ -90,6 +90,7 @@ class Result:
     cut_to: int | None = None  # the backend ran a per-token loop on each problem's first cut_to tokens only
     diagnosis: list[dict] = field(default_factory=list)  # findings on the counterexample (diagnose.py)
     seconds: float | None = None  # this dtype's own searches took (float64's formula search: float64's)
+    invariance: dict | None = None  # bitwise batch, prefix, deterministic and their witnesses (invariance.py)
 
     @property
     def claim_holds(self) -> bool:

@@ -1,0 +1,116 @@
+"""The bitwise invariances reported beside each verdict (rewrites/verify/invariance.py), on
+both sides: a rewrite that holds them by construction (each item alone, each row from its
+own prefix only) is reported invariant, and each fault made on top of it is reported,
+with its witness, as the invariance it breaks and no other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from oracles import backends
+from rewrites.common import array_namespace, linear, project_out, scores, softmax, split_heads, split_qkv
+from rewrites.registry import Rewrite
+from rewrites.report import invariance_table
+from rewrites.verify import Config, Verifier, inputs
+from rewrites.verify.invariance import PREFIX, measure
+
+
+def by_construction(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Each batch item alone, each row from the keys of its own prefix, one token at a time."""
+    xp = array_namespace(x)
+    if x.ndim > 2:
+        w = (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+        return xp.stack([by_construction(x[i], *w) for i in range(x.shape[0])])
+    ks, vs, rows = [], [], []
+    for t in range(x.shape[0]):
+        q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(x[t : t + 1], c_attn_w, c_attn_b)))
+        ks.append(k)
+        vs.append(v)
+        z = scores(xp, q, xp.concat(ks, axis=-2))  # [H, 1, t + 1]
+        rows.append(project_out(xp, softmax(xp, z) @ xp.concat(vs, axis=-2), c_proj_w, c_proj_b))
+    return xp.concat(rows, axis=-2)
+
+
+def rounded_again(out):
+    """Within the bound, other bits: (out + 1) - 1 drops the low bits of small values."""
+    return (out + 1.0) - 1.0
+
+
+def batch_dependent(x, *w):
+    out = by_construction(x, *w)
+    return rounded_again(out) if x.ndim > 2 else out
+
+
+def length_dependent(x, *w):
+    out = by_construction(x, *w)
+    return rounded_again(out) if x.shape[-2] > PREFIX[0] else out
+
+
+CALLS = [0]
+
+
+def nondeterministic(x, *w):
+    CALLS[0] += 1
+    out = by_construction(x, *w)
+    return rounded_again(out) if CALLS[0] % 2 else out
+
+
+def raises(x, *w):
+    raise ValueError("no")
+
+
+def case(fn, output: str = "full") -> Rewrite:
+    return Rewrite(fn.__name__, "test", "test", fn, output, claim="equivalent")
+
+
+@pytest.mark.parametrize(
+    "fn, expected, broken",
+    [
+        (by_construction, (True, True, True), None),
+        (batch_dependent, (False, True, True), ("batch", "item 1 of a batch of 2 differs")),
+        (length_dependent, (True, False, True), ("prefix", f"the first {PREFIX[0]} rows of {PREFIX[1]} tokens differ")),
+        # once seen nondeterministic, a rewrite's every call is an error: no bits to compare
+        (nondeterministic, (None, None, False), ("deterministic", "nondeterministic: two calls on the same input")),
+    ],
+)
+def test_each_invariance_is_reported_and_only_where_broken(backend, fn, expected, broken):
+    if backends.get(backend).compiles:
+        pytest.skip(f"{backend} runs a loop per token on its first tokens only: not measured there")
+    rw = case(fn) if fn is not nondeterministic else Rewrite(f"nondeterministic_{backend}", "test", "test", fn)
+    inv = measure(rw, backend, "float64")
+    assert (inv.batch, inv.prefix, inv.deterministic) == expected, inv
+    if broken is None:
+        assert inv.witness == {}
+    else:
+        name, says = broken
+        assert inv.witness[name].startswith(says), inv.witness
+        others = {k: w for k, w in inv.witness.items() if k != name}
+        assert all(w.startswith("not measured: nondeterministic") for w in others.values()), others
+        assert len(others) == sum(v is None for v in expected)
+
+
+def test_what_cannot_be_measured_says_why():
+    inv = measure(case(raises), "numpy", "float64")
+    assert (inv.batch, inv.prefix, inv.deterministic) == (None, None, None)
+    assert all(w.startswith("not measured: raised ValueError") for w in inv.witness.values()), inv.witness
+
+    def last_row(x, *w):
+        return by_construction(x, *w)[..., -1:, :]
+
+    inv = measure(case(last_row, output="last"), "numpy", "float64")
+    assert (inv.batch, inv.prefix, inv.deterministic) == (True, None, True)
+    assert inv.witness == {"prefix": "not measured: the rewrite returns the last row only"}
+
+
+def test_verdicts_carry_it_and_the_report_shows_it(tmp_path: Path):
+    config = Config(examples=2, report_dir=tmp_path, dtypes=("float64",), profile=inputs.QUICK)
+    results = Verifier(config).verify_one(case(batch_dependent), ["numpy"], gpt2_inputs=False)
+    assert results and all(r.invariance["batch"] is False and r.invariance["prefix"] for r in results)
+    assert all(r.to_json()["invariance"] == r.invariance for r in results)
+    assert "| -pd " in invariance_table(results)
+    off = Verifier(Config(examples=2, report_dir=tmp_path, dtypes=("float64",), profile=inputs.QUICK, invariance=False))
+    assert all(r.invariance is None for r in off.verify_one(case(batch_dependent), ["numpy"], gpt2_inputs=False))
+    assert np.isfinite(results[0].max_error_over_bound)
