@@ -162,8 +162,16 @@ def _verdicts(config: pytest.Config) -> Callable:
     examples = config.getoption("examples") or 30
     database = config.getoption("rewrites_database")
     database = None if database.lower() == "none" else database
-    verifier = Verifier(Config(examples=examples, gpt2_weights=weights, report_dir=Path(report), dtypes=CLAIM_DTYPES,
-                               database=database, invariance=False))  # fmt: skip (invariances: `verify`'s report)
+    verifier = Verifier(
+        Config(
+            examples=examples,
+            gpt2_weights=weights,
+            report_dir=Path(report),
+            dtypes=CLAIM_DTYPES,
+            database=database,
+            invariance=False,
+        )
+    )  # fmt: skip (invariances: `verify`'s report)
     with_gpt2 = not config.getoption("no_gpt2") and _weights_found(weights)
     cache: dict[tuple, list[Result]] = {}
 
