@@ -55,6 +55,28 @@ class AttentionProblem:
         """The first n tokens: for causal attention, the first n rows of the output."""
         return AttentionProblem(self.x[..., :n, :], *self.arrays()[1:], n_head=self.n_head, label=self.label)
 
+    def with_kv_heads(self, n_kv_head: int) -> AttentionProblem:
+        """The same problem with its key and value heads tied in `n_kv_head` groups of
+        n_head / n_kv_head consecutive heads (each head's k and v columns and biases
+        those of its group's first head): grouped-query attention, which computes one k
+        and v per group, is exactly this multi-head problem (multi-query at 1)."""
+        if n_kv_head < 1 or self.n_head % n_kv_head:
+            raise ValueError(f"n_kv_head={n_kv_head} does not divide n_head={self.n_head}")
+        if n_kv_head == self.n_head:
+            return self
+        e, hd, g = self.n_embd, self.head_dim, self.n_head // n_kv_head
+        src = np.arange(self.n_head) // g * g  # [n_head] the head each one copies
+        cols = np.concatenate([(e * part + src[:, None] * hd + np.arange(hd)).ravel() for part in (1, 2)])
+        own = np.concatenate([e * part + np.arange(e) for part in (1, 2)])  # the k, v columns in order
+        if np.array_equal(self.c_attn_w[:, own], self.c_attn_w[:, cols]) and np.array_equal(
+            self.c_attn_b[own], self.c_attn_b[cols]
+        ):
+            return self  # tied already
+        w, b = self.c_attn_w.copy(), self.c_attn_b.copy()
+        w[:, own], b[own] = self.c_attn_w[:, cols], self.c_attn_b[cols]
+        label = f"{self.label}, k and v heads tied in {n_kv_head} group(s)"
+        return AttentionProblem(self.x, w, b, self.c_proj_w, self.c_proj_b, n_head=self.n_head, label=label)
+
     def arrays(self) -> tuple[np.ndarray, ...]:
         """(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b): the oracle's positional arrays."""
         return (self.x, self.c_attn_w, self.c_attn_b, self.c_proj_w, self.c_proj_b)

@@ -36,9 +36,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from oracles.backends import DEVICES, device
+from oracles.problem import AttentionProblem
 from rewrites.verify.verdicts import CLAIMS, Verdict
 
 ENTRY_POINT_GROUP = "attention_rewrites"
+KVHeads = Literal["all", "half", "one"]
+KV_HEADS = ("all", "half", "one")
 #: What a plugin's rewrite may be called: names become file names (counterexamples), so no
 #: separators or dots first.
 VALID_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
@@ -60,6 +63,7 @@ class Rewrite:
     level: Literal["sublayer", "core"] = "sublayer"  # core: fn(q, k, v) -> o, projections supplied
     devices: tuple[str, ...] = DEVICES  # where it can run: a CUDA-only kernel says ("cuda",)
     requires: str | None = None  # a module it needs beyond its backend (e.g. "transformers")
+    kv_heads: KVHeads = "all"  # core level: the k, v heads the kernel gets (grouped-query attention)
 
     def __post_init__(self) -> None:
         if self.claim is not None:
@@ -70,13 +74,25 @@ class Rewrite:
             raise ValueError(f"rewrite {self.name!r}: output {self.output!r} is not 'full' or 'last'")
         if self.level not in ("sublayer", "core"):
             raise ValueError(f"rewrite {self.name!r}: level {self.level!r} is not 'sublayer' or 'core'")
+        if self.kv_heads not in KV_HEADS or (self.kv_heads != "all" and self.level != "core"):
+            why = f"kv_heads {self.kv_heads!r} is not one of {', '.join(KV_HEADS)} on a core-level rewrite"
+            raise ValueError(f"rewrite {self.name!r}: {why}")
         if not self.devices or not set(self.devices) <= set(DEVICES):
             raise ValueError(f"rewrite {self.name!r}: devices {self.devices!r} are not among {DEVICES}")
 
     def implementation(self, backend: str) -> Callable | None:
         """The sublayer function to run on `backend` (a core one with the projections around it)."""
         fn = self.backends.get(backend, self.fn)
-        return around_core(fn) if fn is not None and self.level == "core" else fn
+        return around_core(fn, self.kv_heads) if fn is not None and self.level == "core" else fn
+
+    def group(self, n_head: int) -> int:
+        """Query heads per k, v head: 1 but for a grouped-KV kernel."""
+        return n_head // kv_head_count(self.kv_heads, n_head)
+
+    def takes(self, problem: AttentionProblem) -> AttentionProblem:
+        """The problem as this rewrite is judged on it: for a grouped-KV kernel, its key and
+        value heads tied in the kernel's groups (the multi-head problem it computes exactly)."""
+        return problem.with_kv_heads(kv_head_count(self.kv_heads, problem.n_head))
 
     def runs_on(self, backend: str) -> bool:
         """Whether this rewrite exists for `backend` (a library kernel exists for one only)
@@ -101,22 +117,31 @@ class Rewrite:
         return (self.source, self.name)
 
 
-_AROUND: dict[Callable, Callable] = {}  # one wrapper per core function: JAX caches compilations by function
+def kv_head_count(kv_heads: KVHeads, n_head: int) -> int:
+    """How many k, v heads a kernel gets: all n_head; "half" (groups of 2 query heads, where
+    n_head is even, else all); "one" (multi-query attention)."""
+    return {"all": n_head, "half": n_head // 2 if n_head % 2 == 0 else n_head, "one": 1}[kv_heads]
 
 
-def around_core(core: Callable) -> Callable:
+_AROUND: dict[tuple, Callable] = {}  # one wrapper per core function: JAX caches compilations by function
+
+
+def around_core(core: Callable, kv_heads: KVHeads = "all") -> Callable:
     """The sublayer `fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)` that runs the
-    core-level `core(q, k, v)` between the reference projections."""
-    if core not in _AROUND:
+    core-level `core(q, k, v)` between the reference projections; with fewer `kv_heads`, k
+    and v of each group's first head only (`Rewrite.takes` ties the problem's heads so)."""
+    if (core, kv_heads) not in _AROUND:
         from rewrites.common import heads_qkv, project_out
 
         def sublayer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
             xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., n_head, n_seq, head_dim] x3
+            g = n_head // kv_head_count(kv_heads, n_head)
+            k, v = k[..., ::g, :, :], v[..., ::g, :, :]  # [..., n_kv_head, n_seq, head_dim]
             return project_out(xp, core(q, k, v), c_proj_w, c_proj_b)  # [..., n_seq, n_embd]
 
         sublayer.__name__ = getattr(core, "__name__", "core")
-        _AROUND[core] = sublayer
-    return _AROUND[core]
+        _AROUND[core, kv_heads] = sublayer
+    return _AROUND[core, kv_heads]
 
 
 def rewrite(
@@ -128,17 +153,20 @@ def rewrite(
     level: Literal["sublayer", "core"] = "sublayer",
     backend: str | None = None,
     devices: tuple[str, ...] = DEVICES,
+    kv_heads: KVHeads = "all",
 ) -> Callable[[Callable], Rewrite]:
     """Decorator: turn an attention function into a `Rewrite` named after it, described by
     the first line of its docstring. `level="core"`: fn(q, k, v) -> o (module doc).
     `backend`: fn is that backend's code only (a library kernel), not array-API code.
-    `devices`: where it can run at all, e.g. ("cuda",) for a CUDA-only kernel (skipped elsewhere)."""
+    `devices`: where it can run at all, e.g. ("cuda",) for a CUDA-only kernel (skipped elsewhere).
+    `kv_heads`: a core kernel's k and v heads, "all", "half" or "one" (grouped-query attention)."""
 
     def wrap(fn: Callable) -> Rewrite:
         doc = (fn.__doc__ or "").strip().splitlines()
         portable, only = (None, {backend: fn}) if backend else (fn, {})
         desc = doc[0] if doc else ""
-        return Rewrite(name or fn.__name__, desc, family, portable, output, claim, only, level=level, devices=devices)
+        return Rewrite(name or fn.__name__, desc, family, portable, output, claim, only, level=level, devices=devices,
+                       kv_heads=kv_heads)  # fmt: skip
 
     return wrap
 

@@ -2,6 +2,7 @@
 write it: a plain function with the oracle's signature, decorated with its claim."""
 
 from rewrites.catalogue import (
+    grouped_kv,
     heads,
     huggingface,
     kv_cache,
@@ -22,6 +23,7 @@ FAMILIES = (
     last_token,
     kv_cache,
     heads,
+    grouped_kv,
     softmax,
     scale,
     masks,

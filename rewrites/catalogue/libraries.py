@@ -124,7 +124,14 @@ def picogpt_mha(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 
 def _kernel(
-    name: str, backend: str, fn, claim: str, what: str, dist: str, devices: tuple[str, ...] = DEVICES
+    name: str,
+    backend: str,
+    fn,
+    claim: str,
+    what: str,
+    dist: str,
+    devices: tuple[str, ...] = DEVICES,
+    kv_heads: str = "all",
 ) -> Rewrite:
     return Rewrite(
         name,
@@ -135,7 +142,18 @@ def _kernel(
         backends={backend: fn},
         level="core",
         devices=devices,
+        kv_heads=kv_heads,
     )
+
+
+def torch_sdpa_gqa(q, k, v):
+    """SDPA with fewer k, v heads than query heads, as PyTorch takes them (`enable_gqa`)."""
+    import torch
+
+    o = torch.nn.functional.scaled_dot_product_attention(
+        _four_d(q), _four_d(k), _four_d(v), is_causal=True, enable_gqa=True
+    )
+    return o.reshape(q.shape)
 
 
 torch_sdpa_math = _kernel(
@@ -178,6 +196,15 @@ picogpt = Rewrite(
 jax_dpa_xla = _kernel(
     "jax_dot_product_attention", "jax", jax_dot_product_attention, "imprecise",
     'jax.nn.dot_product_attention(is_causal=True, implementation="xla")', "jax",
+)  # fmt: skip
+torch_sdpa_grouped = _kernel(
+    "torch_sdpa_enable_gqa", "torch", torch_sdpa_gqa, "equivalent",
+    "torch scaled_dot_product_attention, is_causal, enable_gqa, half as many k, v heads", "torch", kv_heads="half",
+)  # fmt: skip
+jax_dpa_grouped = _kernel(
+    "jax_dot_product_attention_gqa", "jax", jax_dot_product_attention, "imprecise",
+    'jax.nn.dot_product_attention(is_causal=True, implementation="xla"), half as many k, v heads', "jax",
+    kv_heads="half",
 )  # fmt: skip
 jax_dpa_cudnn = _kernel(
     "jax_dot_product_attention_cudnn", "jax", _jax_dpa("cudnn"), "equivalent",

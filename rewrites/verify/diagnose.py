@@ -39,7 +39,7 @@ def explain(s: Search) -> None:
         for p, o in s.kept:  # evidence for `imprecise`: the failures kept (precision.Precision)
             s.precision.add(o, p, s.backend, output_rows(s.rewrite))
         if s.precision.effective:  # and a problem where a formula error cannot pass for rounding
-            dense = reach(s.rewrite, s.backend, s.dtype, evidence_problem())
+            dense = reach(s.rewrite, s.backend, s.dtype, s.rewrite.takes(evidence_problem()))
             try:
                 dense_out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
             except RewriteFailed:

@@ -72,6 +72,8 @@ class Verifier:
             profile = self.config.profile
             bands = profile.moderate if stage is Stage.FORMULA else profile.extreme_for(dtype)
             explicit = ([first.failure] if first else []) + self._known_hard[stage]
+            if rw.kv_heads != "all":  # grouped-KV kernels see problems with tied k, v heads
+                bands, explicit = tuple(b.map(rw.takes) for b in bands), [rw.takes(p) for p in explicit]
             s = Search(rw, backend, dtype, stage, cut_hint=first.first_fails_at if first else None)
             # Another dtype's search for float64's formula failure (decide.py): what it finds
             # is the same fault, already shrunk and diagnosed in float64; shrinking it again
@@ -101,6 +103,7 @@ class Verifier:
                 return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0, seconds=0.0)
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
+            problems = [(layer, rw.takes(p)) for layer, p in problems]  # as is, unless grouped KV
             hint = first.first_fails_at if first else None
             bits_too = stage is Stage.FORMULA and dtype == "float64" and first is None
             s = sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=bits_too), self.refs)

@@ -131,7 +131,8 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
         )  # fmt: skip
 
     if stage_is_formula:  # moderate inputs only: a failure here means a wrong formula
-        return [dense(1025, 2, 64, label="full context + 1, two heads of 64")]
+        # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows
+        return [dense(1025, 4, 32, label="full context + 1, four heads of 32")]
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
         dense(2, 1, 3, q=1e11, label="logits near 1e11 (picoGPT's -1e10 mask leaks)"),

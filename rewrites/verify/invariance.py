@@ -61,8 +61,8 @@ HOLDS: Outcome = (True, None)
 def measure(rw: Rewrite, backend: str, dtype: str) -> Invariance:
     """The three invariances of `rw` on `backend` in `dtype`."""
     m, n = PREFIX
-    short = problem(m)
-    if reach(rw, backend, dtype, problem(n)).n_seq < n:
+    short = rw.takes(problem(m))
+    if reach(rw, backend, dtype, rw.takes(problem(n))).n_seq < n:
         why = f"not measured: {backend} runs this loop on a prefix of long problems only"
         return Invariance(None, None, None, dict.fromkeys(("batch", "prefix", "deterministic"), why))
     try:
@@ -92,7 +92,7 @@ def _deterministic(rw: Rewrite, backend: str, dtype: str, short: AttentionProble
 
 def _batch(rw: Rewrite, backend: str, dtype: str, short: AttentionProblem, alone: np.ndarray) -> Outcome:
     for size in BATCHES:
-        got = run_rewrite(rw, backend, dtype, problem(short.n_seq, size))[AT[size]]
+        got = run_rewrite(rw, backend, dtype, rw.takes(problem(short.n_seq, size)))[AT[size]]
         if not np.array_equal(got, alone, equal_nan=True):
             return (False, f"item {AT[size]} of a batch of {size} differs from it alone {_where(got, alone)}")
     return HOLDS
@@ -102,7 +102,7 @@ def _prefix(rw: Rewrite, backend: str, dtype: str, short: AttentionProblem, alon
     m, n = PREFIX
     if rw.output != "full":
         return (None, "not measured: the rewrite returns the last row only")
-    got = run_rewrite(rw, backend, dtype, problem(n))[:m]
+    got = run_rewrite(rw, backend, dtype, rw.takes(problem(n)))[:m]
     if not np.array_equal(got, alone, equal_nan=True):
         return (False, f"the first {m} rows of {n} tokens differ from {m} tokens alone {_where(got, alone)}")
     return HOLDS

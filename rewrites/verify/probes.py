@@ -72,7 +72,9 @@ def wrong_last_row(problem: AttentionProblem, truth: Any, dtype: str, base: np.n
 
 
 def _run(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> tuple[np.ndarray, np.ndarray]:
-    """The rewrite's output on `problem` and the bound it is held to there."""
+    """The rewrite's output on `problem` and the bound it is held to there (a probe's
+    problem as the rewrite takes it: a grouped-KV kernel's k, v heads tied again)."""
+    problem = rw.takes(problem)
     return run_rewrite(rw, backend, dtype, problem), truth_for(problem, backend, dtype).tolerance(dtype)
 
 
@@ -127,28 +129,31 @@ def batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem, b
 
 def heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
     """With c_proj the identity the output is the merged heads; with only head h's values
-    nonzero, only head h's columns may be nonzero. Which heads' columns does each reach?"""
+    nonzero, only head h's columns may be nonzero (for a grouped-KV kernel: only the
+    columns of the query heads sharing h's k, v head, h the group's first).
+    Which heads' columns does each reach?"""
     if problem.n_head < 2:
         return []
-    e = problem.n_embd
+    e, g = problem.n_embd, rw.group(problem.n_head)
     lands = []
-    for h in range(problem.n_head):
+    for h in range(0, problem.n_head, g):
         w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
         others = 2 * e + np.flatnonzero(~_head_columns(problem, h))
-        w[:, others], b[others] = 0.0, 0.0  # only head h has values
+        w[:, others], b[others] = 0.0, 0.0  # only head h has values (and its group, tied again in _run)
         one_head = _with(problem, c_attn_w=w, c_attn_b=b, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
         out, tolerance = _run(rw, backend, dtype, one_head)
         with np.errstate(all="ignore"):
-            moved = ~(np.abs(out) <= tolerance)  # the truth is exactly 0 outside head h's columns
+            moved = ~(np.abs(out) <= tolerance)  # the truth is exactly 0 outside its group's columns
         heads = sorted({int(c) // problem.head_dim for c in np.flatnonzero(moved.reshape(-1, e).any(axis=0))})
-        if heads and heads != [h]:
+        if heads and heads != list(range(h, h + g)):
             lands.append({"head": h, "columns_of": heads})
     if not lands:
         return []
-    moved = all(len(x["columns_of"]) == 1 for x in lands)
+    moved = all(len(x["columns_of"]) == g for x in lands)
     name = "reorders heads" if moved else "mixes heads"
     heads = lambda x: ", ".join(map(str, x["columns_of"]))
-    said = "; ".join(f"head {x['head']}'s values reach the columns of head(s) {heads(x)}" for x in lands)
+    who = lambda h: f"head {h}'s values" if g == 1 else f"k, v head {h // g}'s values (for heads {h}-{h + g - 1})"
+    said = "; ".join(f"{who(x['head'])} reach the columns of head(s) {heads(x)}" for x in lands)
     return [{"finding": name, "heads": lands, "text": f"{name}: {said}"}]
 
 
