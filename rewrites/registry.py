@@ -87,7 +87,7 @@ class Rewrite:
 
     def group(self, n_head: int) -> int:
         """Query heads per k, v head: 1 but for a grouped-KV kernel."""
-        return n_head // kv_head_count(self.kv_heads, n_head)
+        return group_size(self.kv_heads, n_head)
 
     def takes(self, problem: AttentionProblem) -> AttentionProblem:
         """The problem as this rewrite is judged on it: for a grouped-KV kernel, its key and
@@ -123,6 +123,11 @@ def kv_head_count(kv_heads: KVHeads, n_head: int) -> int:
     return {"all": n_head, "half": n_head // 2 if n_head % 2 == 0 else n_head, "one": 1}[kv_heads]
 
 
+def group_size(kv_heads: KVHeads, n_head: int) -> int:
+    """Query heads per k, v head."""
+    return n_head // kv_head_count(kv_heads, n_head)
+
+
 _AROUND: dict[tuple, Callable] = {}  # one wrapper per core function: JAX caches compilations by function
 
 
@@ -135,7 +140,7 @@ def around_core(core: Callable, kv_heads: KVHeads = "all") -> Callable:
 
         def sublayer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
             xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., n_head, n_seq, head_dim] x3
-            g = n_head // kv_head_count(kv_heads, n_head)
+            g = group_size(kv_heads, n_head)
             k, v = k[..., ::g, :, :], v[..., ::g, :, :]  # [..., n_kv_head, n_seq, head_dim]
             return project_out(xp, core(q, k, v), c_proj_w, c_proj_b)  # [..., n_seq, n_embd]
 

@@ -169,13 +169,14 @@ def write(results: Sequence[Result], directory: Path, meta: dict) -> None:
     (directory / "verdicts.json").write_text(
         json.dumps({"meta": meta, "results": [r.to_json() for r in results]}, indent=1)
     )
+    invariances = invariance_table(results)
     parts = [
         f"# Verdicts{' (partial)' if meta.get('partial') else ''}",
         headline(meta),
         summary(results),
         throughput_summary(meta),
         f"## Counterexamples found\n\n{mutant_table(results)}",
-        f"## Bitwise invariances\n\n{invariance_table(results)}" if invariance_table(results) else "",
+        f"## Bitwise invariances\n\n{invariances}" if invariances else "",
     ]
     (directory / "verdicts.md").write_text("\n\n".join(p for p in parts if p) + "\n")
     index = directory / "index.html"
