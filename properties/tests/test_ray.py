@@ -130,8 +130,17 @@ def test_without_ray_installed_it_says_so(weights, tmp_path, capsys, monkeypatch
     assert "pip install 'attention-rewrites[ray]'" in capsys.readouterr().err
 
 
+# No rewrite here hangs, so the limit only has to stay out of the way. test_hostile's 20 s
+# did not: in CI (2 cores, the other xdist worker busy) a restarted actor's fresh worker
+# spent over 20 s importing PyTorch and running its first torch task.
+TIMEOUT = 300
+
+
 def _args(report: Path, weights: Path, *extra: str) -> list[str]:
-    """test_hostile's verify arguments without its built-ins: these tests name their own."""
+    """test_hostile's verify arguments without its built-ins (these tests name their own)
+    and with a limit that no legitimate task here comes near."""
     args = verify_args(report, weights)
     keep = [a for i, a in enumerate(args) if a != "--rewrite" and (i == 0 or args[i - 1] != "--rewrite")]
+    at = keep.index("--timeout")
+    keep[at + 1] = str(TIMEOUT)
     return keep + list(extra)
