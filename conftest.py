@@ -75,6 +75,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
         marker = metafunc.definition.get_closest_marker("families")
         rewrites = [rw for rw in rewrites if marker is None or rw.family in marker.args]
+        layouts = metafunc.definition.get_closest_marker("layouts")
+        rewrites = [rw for rw in rewrites if layouts is None or rw.layout in layouts.args]
         params = []
         for rw in rewrites:  # claims are held in float64 and float32; `verify` reports half precision
             for p in backend_params(metafunc.config, CLAIM_DTYPES):
@@ -96,6 +98,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "dtypes(*names): run this backend/dtype test only in these dtypes")
     config.addinivalue_line("markers", "families(*names): run this rewrite test only for these families")
+    config.addinivalue_line("markers", "layouts(*names): run this rewrite test only for rewrites of these layouts")
     config.addinivalue_line("markers", "xdist_group(name): tests that pytest-xdist keeps on one worker")
 
 

@@ -43,10 +43,11 @@ def rounded(problem: AttentionProblem, backend: str, dtype: str) -> AttentionPro
     not of representing the inputs."""
     be = backends.get(backend)
     arrays = [be.round_trip(a, dtype) for a in problem.arrays()]
-    return AttentionProblem(*arrays, n_head=problem.n_head, label=problem.label)
+    return AttentionProblem(*arrays, n_head=problem.n_head, label=problem.label, segments=problem.segments)
 
 
 def run(backend: str, problem: AttentionProblem, dtype: str) -> np.ndarray:
     """Run `backend`'s oracle on `problem` in `dtype`; the output as float64 NumPy."""
-    out = oracle(backend).attention(*as_backend(problem, backend, dtype), problem.n_head)
+    layout = {} if problem.segments is None else {"segments": backends.get(backend).asarray(problem.segments, "int64")}
+    out = oracle(backend).attention(*as_backend(problem, backend, dtype), problem.n_head, **layout)
     return backends.get(backend).to_numpy(out)

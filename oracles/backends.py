@@ -78,7 +78,9 @@ class Backend:
     #: runs on each problem's first `loop_tokens` tokens, and its verdicts say so.
     loop_tokens: int | None = None
 
-    def runner(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> Callable:
+    def runner(
+        self, fn: Callable, args: tuple, static: tuple[int, ...] = (), positions: tuple[int, ...] = ()
+    ) -> Callable:
         """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except a
         function whose traced program grows per token (a Python loop over positions), which
         compiling would unroll (32 tokens already took 30 s to compile, 1024 minutes): it
@@ -86,34 +88,40 @@ class Backend:
         eagerly every tile's new shape would compile each primitive anew (7,504 primitive
         compilations for one search of 64-token tiles). The decision is the backend's, for
         built-ins and plugins alike, and never pads: fn sees the n_seq it is judged at
-        (`tokens` says how many that is)."""
+        (`tokens` says how many that is). `positions`: the arguments besides x that have a
+        value per position, [..., n_seq] (a padding mask), traced at each length too."""
         if self.traces is None:
             return fn
-        return fn if self._growth(fn, args, static)[0] is Growth.PER_TOKEN else self.compile(fn, static)
+        return fn if self._growth(fn, args, static, positions)[0] is Growth.PER_TOKEN else self.compile(fn, static)
 
     @property
     def compiles(self) -> bool:
         """Whether this backend compiles per shape (every new length costs a compilation)."""
         return self.traces is not None
 
-    def tokens(self, fn: Callable, args: tuple, static: tuple[int, ...] = ()) -> int | None:
+    def tokens(
+        self, fn: Callable, args: tuple, static: tuple[int, ...] = (), positions: tuple[int, ...] = ()
+    ) -> int | None:
         """The most tokens of a problem this backend runs fn on (None: all of them): a loop
         per token its first `loop_tokens`, a loop per tile as many as keep its traced program
         within TRACE_BUDGET equations, anything else (and anything where nothing compiles) all."""
-        return self._growth(fn, args, static)[1] if self.compiles else None
+        return self._growth(fn, args, static, positions)[1] if self.compiles else None
 
-    def _growth(self, fn: Callable, args: tuple, static: tuple[int, ...]) -> tuple[Growth, int | None]:
+    def _growth(self, fn: Callable, args: tuple, static: tuple, positions: tuple) -> tuple[Growth, int | None]:
         """How fn's traced program grows with n_seq, and the tokens it runs on: from cheap
         traces (no compilation) at 8 and 16 tokens, and at 256 where those two are the same
         size, once per function and shape, instead of one at the real length (7 s for a
         loop per token at 1024). A loop per tile grows linearly: its size at n is
         extrapolated from 16 and 256 tokens."""
         x = args[0]
-        key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), tuple(getattr(a, "shape", a) for a in args[1:]))
+        fixed = tuple(getattr(a, "shape", a) for i, a in enumerate(args[1:], 1) if i not in positions)
+        key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), fixed, positions)
         if key not in _GROWS:
-            size = lambda n: self.traces(
-                fn, self.abstract((*x.shape[:-2], n, x.shape[-1]), x.dtype), *args[1:], static=static
-            )
+            at = lambda n, i, a: (  # args[i] as a shape-only array at n tokens, where it has one per token
+                self.abstract((*a.shape[:-2], n, a.shape[-1]), a.dtype) if i == 0
+                else self.abstract((*a.shape[:-1], n), a.dtype) if i in positions else a
+            )  # fmt: skip
+            size = lambda n: self.traces(fn, *(at(n, i, a) for i, a in enumerate(args)), static=static)
             short = size(PROBE_TOKENS)
             if size(PROBE_TOKENS // 2) < short:
                 _GROWS[key] = (Growth.PER_TOKEN, self.loop_tokens)

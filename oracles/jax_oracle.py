@@ -18,16 +18,21 @@ import jax.numpy as jnp  # noqa: E402
 
 
 @partial(jax.jit, static_argnames="n_head")
-def attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int) -> jax.Array:
-    """GPT-2 causal self-attention sublayer: [..., n_seq, n_embd] -> [..., n_seq, n_embd]."""
+def attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int, segments=None) -> jax.Array:
+    """GPT-2 causal self-attention sublayer: [..., n_seq, n_embd] -> [..., n_seq, n_embd].
+    `segments` [..., n_seq]: each position's document, -1 for padding (problem.py)."""
     *batch, n_seq, n_embd = x.shape
     head_dim = n_embd // n_head
     qkv = jnp.matmul(x, c_attn_w) + c_attn_b  # [..., n_seq, 3*n_embd]
     qkv = qkv.reshape(*batch, n_seq, 3, n_head, head_dim)  # [..., n_seq, 3, n_head, head_dim]
     q, k, v = (qkv[..., i, :, :] for i in range(3))  # 3 x [..., n_seq, n_head, head_dim]
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(head_dim)  # [..., n_head, q, k]
-    causal = jnp.arange(n_seq)[:, None] >= jnp.arange(n_seq)[None, :]  # [q, k]
-    weights = jax.nn.softmax(scores, axis=-1, where=causal)  # masked entries -> exactly 0
+    where = jnp.arange(n_seq)[:, None] >= jnp.arange(n_seq)[None, :]  # [q, k] causal
+    if segments is not None:  # the same document, and a real query
+        seg = segments[..., None, :, None]  # [..., 1, q, 1]
+        where = where & (seg == segments[..., None, None, :]) & (seg >= 0)  # [..., 1, q, k]
+    weights = jax.nn.softmax(scores, axis=-1, where=where)  # masked entries -> exactly 0
+    weights = jnp.where(where.any(axis=-1, keepdims=True), weights, 0.0)  # a padding query: no weight at all
     out = jnp.einsum("...hqk,...khd->...qhd", weights, v)  # [..., n_seq, n_head, head_dim]
     out = out.reshape(*batch, n_seq, n_embd)  # merge heads
     return jnp.matmul(out, c_proj_w) + c_proj_b  # [..., n_seq, n_embd]

@@ -119,6 +119,8 @@ def _content_key(problem: AttentionProblem) -> str:
     h = hashlib.sha1(repr((problem.n_head, problem.x.shape)).encode())
     for a in problem.arrays():
         h.update(np.ascontiguousarray(a))  # the buffer itself: no copy of a 14 MB layer
+    if problem.segments is not None:  # the layout changes the truth
+        h.update(b"segments" + np.ascontiguousarray(problem.segments, np.int64).tobytes())
     return h.hexdigest()
 
 

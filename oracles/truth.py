@@ -137,18 +137,21 @@ class Truth:
         e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv, b) + pr.flush(b)
         q, k, v = (_heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
         eq, ek, ev = (_heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
-        # z = (q @ k.T) / sqrt(head_dim), causal mask exact
-        causal = np.tri(pb.n_seq, dtype=bool)
+        # z = (q @ k.T) / sqrt(head_dim), the mask exact (causal, and the layout's documents)
+        allowed = pb.allowed()
         kt, ekt = np.swapaxes(k, -1, -2), np.swapaxes(ek, -1, -2)
-        z = np.where(causal, self.z, 0.0)
+        z = np.where(allowed, self.z, 0.0)
         e_s = pr.linear(q, eq, kt, ekt, z * math.sqrt(pb.head_dim))
         e_z = e_s / math.sqrt(pb.head_dim) + 2 * pr.u * np.abs(z) + pr.flush(z)
-        # softmax: t = z - max (max's own error cancels), e = exp(t), p = e / sum(e)
-        t = np.where(causal, self.z - self.z.max(axis=-1, keepdims=True), 0.0)
-        e = np.where(causal, np.exp(t), 0.0)
-        de = np.where(causal, e * (e_z + pr.u * np.abs(t) + 2 * EXP_ULPS * pr.u) + pr.flush(e), 0.0)
+        # softmax: t = z - max (max's own error cancels), e = exp(t), p = e / sum(e); a
+        # padding row has no key: p = 0 there, exactly, and so is its error (s = 1 stands in)
+        with np.errstate(invalid="ignore"):
+            t = np.where(allowed, self.z - self.z.max(axis=-1, keepdims=True), 0.0)
+        e = np.where(allowed, np.exp(t), 0.0)
+        de = np.where(allowed, e * (e_z + pr.u * np.abs(t) + 2 * EXP_ULPS * pr.u) + pr.flush(e), 0.0)
         s = e.sum(axis=-1, keepdims=True)
         ds = de.sum(axis=-1, keepdims=True) + (pr.gamma(pb.n_seq) + pr.u) * s
+        s = np.where(s > 0, s, 1.0)
         dp = de / s + self.p * ds / s + pr.store(self.p)
         # o = p @ v, heads merged (exact), out = o @ Wo + bo
         e_o = _merge(pr.linear(self.p, dp, v, ev, _heads(self.o, pb.n_head)))
@@ -179,11 +182,14 @@ def _attention(problem: AttentionProblem, mask_offset: int) -> tuple[np.ndarray,
     qkv = x @ w + b  # [..., n_seq, 3*n_embd]
     q, k, v = (_heads(t, problem.n_head) for t in np.split(qkv, 3, axis=-1))  # [..., H, n_seq, hd]
     z = np.einsum("...qd,...kd->...qk", q, k) / math.sqrt(hd)  # [..., H, n_seq, n_seq]
-    z = np.where(np.tri(n_seq, k=mask_offset, dtype=bool), z, -np.inf)
+    allowed = np.tri(n_seq, k=mask_offset, dtype=bool) & (problem.allowed() | ~np.tri(n_seq, dtype=bool))
+    z = np.where(allowed, z, -np.inf)  # [..., H, n_seq, n_seq]: the layout's documents, then the offset
     with np.errstate(invalid="ignore"):  # causal: the diagonal is never masked, so finite
         zmax = z.max(axis=-1, keepdims=True)  # [..., H, n_seq, 1]
         lse = zmax + np.log(np.exp(z - zmax).sum(axis=-1, keepdims=True))
         p = np.exp(z - lse)  # [..., H, n_seq, n_seq]
+    if problem.segments is not None:  # a padding query attends nothing: its weights are 0
+        p = np.where(problem.segments[..., None, :, None] >= 0, p, 0.0)
     o = _merge(p @ v)  # [..., n_seq, n_embd]
     out = o @ wo + bo  # [..., n_seq, n_embd]
     return qkv, z, p, o, out

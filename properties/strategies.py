@@ -11,6 +11,8 @@ elementwise draws of thousands of values are mostly constant.
     @given(attention_problems(logit_scales=LARGE_LOGITS)) # large logits
     @given(long_attention_problems())           # n_seq up to 2049, wide heads, dense values
     @given(gpt2_problems(weights))              # one of the 12 real GPT-2 layers
+    @given(padded_problems(attention_problems())) # padded batches (Hugging Face's attention_mask)
+    @given(packed_problems(attention_problems())) # packed documents (FlashAttention's cu_seqlens)
 
 `SizeLimits` bounds what long problems cost (the float64 truth grows as n_seq^2).
 """
@@ -334,3 +336,42 @@ def gpt2_problems(draw: st.DrawFn, weights: GPT2Weights, *, max_seq: int = 16, l
     stream = attention_path(weights, synthetic_stream(weights, n_seq, seed), layer)[-1]
     real = weights.layer(layer)
     return real.problem(layer_norm(stream, real.ln_g, real.ln_b, real.eps))
+
+
+#: Lengths of a packed batch's short documents (a zero-length one too: cu_seqlens repeats)
+SHORT_DOCUMENTS = (1, 0, 2, 3, 5, 8, 16, 17)
+
+
+@st.composite
+def padded_problems(
+    draw: st.DrawFn, problems: st.SearchStrategy[AttentionProblem], *, sides: Sequence[str] = ("left", "right")
+) -> AttentionProblem:
+    """A problem from `problems` as a padded batch (`AttentionProblem.padded`): one side for
+    the whole batch, as a tokenizer pads; each row's real length the full n_seq, 0 (all
+    padding: its queries see nothing), 1, n_seq - 1, half, or anything between, shrinking
+    towards no padding at all."""
+    p = draw(problems)
+    n, side = p.n_seq, draw(st.sampled_from(sides))
+    rows = int(np.prod(p.x.shape[:-2], dtype=np.int64))
+    typical = st.sampled_from(sorted({n, 0, 1, max(n - 1, 0), n // 2}, key=lambda m: (m != n, m)))
+    return p.padded([draw(typical | st.integers(0, n)) for _ in range(rows)], side)
+
+
+@st.composite
+def packed_problems(
+    draw: st.DrawFn, problems: st.SearchStrategy[AttentionProblem], *, max_documents: int = 64
+) -> AttentionProblem:
+    """A problem from `problems` as packed documents (`AttentionProblem.packed`): up to
+    `max_documents` - 1 short ones (SHORT_DOCUMENTS, empty ones too) and one long one
+    anywhere among them taking the rest, then 0, 1 or more padding positions; shrinking
+    towards one document and no padding."""
+    p = draw(problems)
+    n = p.n_seq
+    tail = draw(st.sampled_from((0, 1)) | st.integers(0, n))
+    short = draw(st.lists(st.sampled_from(SHORT_DOCUMENTS), max_size=max_documents - 1))
+    room, fitted = n - tail, []
+    for d in short:  # as many as fit before the long one is left empty
+        if sum(fitted) + d <= room:
+            fitted.append(d)
+    at = draw(st.integers(0, len(fitted)))
+    return p.packed([*fitted[:at], room - sum(fitted), *fitted[at:]])

@@ -19,6 +19,13 @@ with q, k, v, o `[..., n_head, n_seq, head_dim]`, causal attention at scale
 `jax.nn.dot_product_attention`). The reference projections are put around it
 (`around_core`), and it is verified, reported and listed like any other rewrite.
 
+A rewrite for padded batches (`layout="padded"`) takes one more argument, last:
+`attention_mask` [..., n_seq] int (1 real, 0 padding; Hugging Face's convention); one for
+packed sequences (`layout="packed"`) takes `cu_seqlens` [n_docs + 1] int (FlashAttention's
+convention: where each document starts, then where the last ends; padding follows). A core
+kernel takes it after v. Such rewrites are searched on problems with that layout
+(oracles/problem.py says what they must compute: padding rows give c_proj's bias).
+
 Names are identities: results, counterexample files and worker look-ups are keyed by them,
 so `catalogue()` makes them unique. The first rewrite to take a name keeps it (built-ins
 come first); a later one of the same name is listed under its qualified name
@@ -42,6 +49,8 @@ from rewrites.verify.verdicts import CLAIMS, Verdict
 ENTRY_POINT_GROUP = "attention_rewrites"
 KVHeads = Literal["all", "half", "one"]
 KV_HEADS = ("all", "half", "one")
+Layout = Literal["dense", "padded", "packed"]
+LAYOUTS = ("dense", "padded", "packed")
 #: What a plugin's rewrite may be called: names become file names (counterexamples), so no
 #: separators or dots first.
 VALID_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}")
@@ -64,6 +73,7 @@ class Rewrite:
     devices: tuple[str, ...] = DEVICES  # where it can run: a CUDA-only kernel says ("cuda",)
     requires: str | None = None  # a module it needs beyond its backend (e.g. "transformers")
     kv_heads: KVHeads = "all"  # core level: the k, v heads the kernel gets (grouped-query attention)
+    layout: Layout = "dense"  # padded: takes attention_mask last; packed: cu_seqlens (module doc)
 
     def __post_init__(self) -> None:
         if self.claim is not None:
@@ -77,13 +87,15 @@ class Rewrite:
         if self.kv_heads not in KV_HEADS or (self.kv_heads != "all" and self.level != "core"):
             why = f"kv_heads {self.kv_heads!r} is not one of {', '.join(KV_HEADS)} on a core-level rewrite"
             raise ValueError(f"rewrite {self.name!r}: {why}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"rewrite {self.name!r}: layout {self.layout!r} is not one of {', '.join(LAYOUTS)}")
         if not self.devices or not set(self.devices) <= set(DEVICES):
             raise ValueError(f"rewrite {self.name!r}: devices {self.devices!r} are not among {DEVICES}")
 
     def implementation(self, backend: str) -> Callable | None:
         """The sublayer function to run on `backend` (a core one with the projections around it)."""
         fn = self.backends.get(backend, self.fn)
-        return around_core(fn, self.kv_heads) if fn is not None and self.level == "core" else fn
+        return around_core(fn, self.kv_heads, self.layout) if fn is not None and self.level == "core" else fn
 
     def group(self, n_head: int) -> int:
         """Query heads per k, v head: 1 but for a grouped-KV kernel."""
@@ -131,22 +143,23 @@ def group_size(kv_heads: KVHeads, n_head: int) -> int:
 _AROUND: dict[tuple, Callable] = {}  # one wrapper per core function: JAX caches compilations by function
 
 
-def around_core(core: Callable, kv_heads: KVHeads = "all") -> Callable:
-    """The sublayer `fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)` that runs the
-    core-level `core(q, k, v)` between the reference projections; with fewer `kv_heads`, k
-    and v of each group's first head only (`Rewrite.takes` ties the problem's heads so)."""
-    if (core, kv_heads) not in _AROUND:
+def around_core(core: Callable, kv_heads: KVHeads = "all", layout: Layout = "dense") -> Callable:
+    """The sublayer `fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head[, layout])` that
+    runs the core-level `core(q, k, v[, layout])` between the reference projections; with
+    fewer `kv_heads`, k and v of each group's first head only (`Rewrite.takes` ties the
+    problem's heads so)."""
+    if (core, kv_heads, layout) not in _AROUND:
         from rewrites.common import heads_qkv, project_out
 
-        def sublayer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        def sublayer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, *mask):
             xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., n_head, n_seq, head_dim] x3
             g = group_size(kv_heads, n_head)
             k, v = k[..., ::g, :, :], v[..., ::g, :, :]  # [..., n_kv_head, n_seq, head_dim]
-            return project_out(xp, core(q, k, v), c_proj_w, c_proj_b)  # [..., n_seq, n_embd]
+            return project_out(xp, core(q, k, v, *mask), c_proj_w, c_proj_b)  # [..., n_seq, n_embd]
 
         sublayer.__name__ = getattr(core, "__name__", "core")
-        _AROUND[core, kv_heads] = sublayer
-    return _AROUND[core, kv_heads]
+        _AROUND[core, kv_heads, layout] = sublayer
+    return _AROUND[core, kv_heads, layout]
 
 
 def rewrite(
@@ -159,19 +172,21 @@ def rewrite(
     backend: str | None = None,
     devices: tuple[str, ...] = DEVICES,
     kv_heads: KVHeads = "all",
+    layout: Layout = "dense",
 ) -> Callable[[Callable], Rewrite]:
     """Decorator: turn an attention function into a `Rewrite` named after it, described by
     the first line of its docstring. `level="core"`: fn(q, k, v) -> o (module doc).
     `backend`: fn is that backend's code only (a library kernel), not array-API code.
     `devices`: where it can run at all, e.g. ("cuda",) for a CUDA-only kernel (skipped elsewhere).
-    `kv_heads`: a core kernel's k and v heads, "all", "half" or "one" (grouped-query attention)."""
+    `kv_heads`: a core kernel's k and v heads, "all", "half" or "one" (grouped-query attention).
+    `layout`: "padded" (takes attention_mask) or "packed" (takes cu_seqlens): module doc."""
 
     def wrap(fn: Callable) -> Rewrite:
         doc = (fn.__doc__ or "").strip().splitlines()
         portable, only = (None, {backend: fn}) if backend else (fn, {})
         desc = doc[0] if doc else ""
         return Rewrite(name or fn.__name__, desc, family, portable, output, claim, only, level=level, devices=devices,
-                       kv_heads=kv_heads)  # fmt: skip
+                       kv_heads=kv_heads, layout=layout)  # fmt: skip
 
     return wrap
 

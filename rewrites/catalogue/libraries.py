@@ -132,6 +132,7 @@ def _kernel(
     dist: str,
     devices: tuple[str, ...] = DEVICES,
     kv_heads: str = "all",
+    layout: str = "dense",
 ) -> Rewrite:
     return Rewrite(
         name,
@@ -143,6 +144,7 @@ def _kernel(
         level="core",
         devices=devices,
         kv_heads=kv_heads,
+        layout=layout,
     )
 
 
@@ -154,6 +156,35 @@ def torch_sdpa_gqa(q, k, v):
         _four_d(q), _four_d(k), _four_d(v), is_causal=True, enable_gqa=True
     )
     return o.reshape(q.shape)
+
+
+def _padding_mask(attention_mask, tri):
+    """[batch, 1, n, n] bool from attention_mask [..., n] and the causal [n, n] `tri`: causal,
+    a real key, a real query (each kernel builds `tri` with its own library)."""
+    real = (attention_mask == 1).reshape(-1, 1, attention_mask.shape[-1])  # [batch, 1, n]
+    return tri & real[..., None, :] & real[..., :, None]
+
+
+def torch_sdpa_padding(q, k, v, attention_mask):
+    """SDPA with a boolean mask for a padded batch (a fully masked row: PyTorch's safe softmax)."""
+    import torch
+
+    n = q.shape[-2]
+    mask = _padding_mask(attention_mask, torch.ones(n, n, dtype=torch.bool, device=q.device).tril())
+    o = torch.nn.functional.scaled_dot_product_attention(_four_d(q), _four_d(k), _four_d(v), attn_mask=mask)
+    return o.reshape(q.shape)
+
+
+def jax_dpa_padding(q, k, v, attention_mask):
+    """jax.nn.dot_product_attention with a boolean mask for a padded batch."""
+    import jax
+    import jax.numpy as jnp
+
+    bthd = lambda t: jnp.swapaxes(_four_d(t), -3, -2)
+    n = q.shape[-2]
+    mask = _padding_mask(attention_mask, jnp.tril(jnp.ones((n, n), dtype=bool)))
+    o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), mask=mask, implementation="xla")
+    return jnp.swapaxes(o, -3, -2).reshape(q.shape)
 
 
 torch_sdpa_math = _kernel(
@@ -209,4 +240,14 @@ jax_dpa_grouped = _kernel(
 jax_dpa_cudnn = _kernel(
     "jax_dot_product_attention_cudnn", "jax", _jax_dpa("cudnn"), "equivalent",
     'jax.nn.dot_product_attention(is_causal=True, implementation="cudnn")', "jax", ("cuda",),
+)  # fmt: skip
+torch_sdpa_padded = _kernel(
+    "torch_sdpa_padding_mask", "torch", torch_sdpa_padding, "equivalent",
+    "torch scaled_dot_product_attention, boolean attn_mask of a padded batch", "torch", layout="padded",
+)  # fmt: skip
+# Measured: a fully masked row (a padding query) comes out as the mean of every value row
+# (uniform weights over all keys), not 0: inequivalent on padding rows.
+jax_dpa_padded = _kernel(
+    "jax_dot_product_attention_padding_mask", "jax", jax_dpa_padding, "inequivalent",
+    'jax.nn.dot_product_attention(mask=..., implementation="xla") for a padded batch', "jax", layout="padded",
 )  # fmt: skip

@@ -2,6 +2,7 @@
 each listed only when its check fires (probes.py holds the checks):
 
 - a formula failure (`explain`, after the cut): a future leak, mixed batch items or heads,
+  (padded or packed problems) a row attending padding or another document, or NaN,
   rows not summing to 1, a missing or extra bias, a token not seeing itself, a wrong last
   row, a length threshold, attention at another scale, or else the right formula at a
   lower precision (`imprecise`, precision.py), or "no known fault";
@@ -34,7 +35,8 @@ def explain(s: Search) -> None:
         s.message += "".join(f"; {f['text']}" for f in s.findings)
         return
     s.findings = findings(s.rewrite, s.backend, s.dtype, run, out)
-    s.findings += length_threshold(s.first_fails_at, run, out, s.backend, s.dtype, output_rows(s.rewrite))
+    if run.segments is None:  # a padded problem's failure starts where its first real row or document is
+        s.findings += length_threshold(s.first_fails_at, run, out, s.backend, s.dtype, output_rows(s.rewrite))
     if not s.findings and s.precision is not None:
         for p, o in s.kept:  # evidence for `imprecise`: the failures kept (precision.Precision)
             s.precision.add(o, p, s.backend, output_rows(s.rewrite))
@@ -70,6 +72,8 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
       future, and how far), one batch item changing another, one head's values reaching
       another head's columns, rows of attention weights not summing to 1.
     A rewrite that fails on these runs is not probed further."""
+    if problem.segments is not None:  # padded or packed: which row attends what (one row each: any length)
+        return probes.layout_fault(problem, truth_for(problem, backend, dtype), dtype, base)
     if problem.n_seq > _MAX_POSITIONS:
         return []
     truth = truth_for(problem, backend, dtype)

@@ -74,6 +74,9 @@ class Verifier:
             explicit = ([first.failure] if first else []) + self._known_hard[stage]
             if rw.kv_heads != "all":  # grouped-KV kernels see problems with tied k, v heads
                 bands, explicit = tuple(b.map(rw.takes) for b in bands), [rw.takes(p) for p in explicit]
+            if rw.layout != "dense":  # padded or packed rewrites: the same problems with a layout
+                bands = inputs.laid_out(bands, rw.layout)
+                explicit = [inputs.with_layout(p, rw.layout) for p in explicit]
             s = Search(rw, backend, dtype, stage, cut_hint=first.first_fails_at if first else None)
             # Another dtype's search for float64's formula failure (decide.py): what it finds
             # is the same fault, already shrunk and diagnosed in float64; shrinking it again
@@ -103,7 +106,8 @@ class Verifier:
                 return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0, seconds=0.0)
             plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
-            problems = [(layer, rw.takes(p)) for layer, p in problems]  # as is, unless grouped KV
+            # as is, unless grouped KV (heads tied) or padded or packed (a fixed layout)
+            problems = [(layer, inputs.with_layout(rw.takes(p), rw.layout)) for layer, p in problems]
             hint = first.first_fails_at if first else None
             bits_too = stage is Stage.FORMULA and dtype == "float64" and first is None
             s = sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=bits_too), self.refs)

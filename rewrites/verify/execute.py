@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 N_HEAD_ARG = (5,)  # n_head, the sixth argument of every rewrite, is a Python int (static under jit)
 INPUT_NAMES = ("x", *WEIGHTS)
+LAYOUT_ARG = {"padded": "attention_mask", "packed": "cu_seqlens"}  # a seventh argument, by the rewrite's layout
 #: Failures of one rewrite x backend x dtype re-run to tell a wrong formula from noise;
 #: once a rewrite is seen to be nondeterministic, every failure is.
 RECHECKS = 3
@@ -44,10 +45,11 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
     if known:
         raise RewriteFailed(known)
     freeze(problem)
-    args = (*oracles.as_backend(problem, backend, dtype), problem.n_head)  # fresh arrays for every call
-    before = [np.array(be.to_numpy(a), copy=True) for a in args[:-1]]
-    out = _call(be, impl, args)
-    _check_inputs(be, args, before)
+    args = rewrite_args(rw, problem, backend, dtype)  # fresh arrays for every call
+    arrays = [a for i, a in enumerate(args) if i not in N_HEAD_ARG]
+    before = [np.array(be.to_numpy(a), copy=True) for a in arrays]
+    out = _call(be, impl, args, _positions(rw))
+    _check_inputs(be, [*INPUT_NAMES, *_layout_name(rw)], arrays, before)
     try:  # `out` is the rewrite's object: its shape, dtype and conversion are its code too
         _check_output(rw, be, dtype, problem, args[0], out)
         return np.array(be.to_numpy(out), dtype=np.float64, copy=True)  # a copy: the rewrite may reuse its buffer
@@ -55,6 +57,25 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
         raise
     except Exception as e:
         raise RewriteFailed(f"returned a {type(out).__name__} that {backend} cannot read ({_line(e)})") from e
+
+
+def rewrite_args(rw: Rewrite, problem: AttentionProblem, backend: str, dtype: str) -> tuple:
+    """What `rw` is called with: the problem's arrays as `backend` arrays of `dtype`,
+    n_head, and for a padded or packed rewrite the layout in its convention (int64)."""
+    args = (*oracles.as_backend(problem, backend, dtype), problem.n_head)
+    if rw.layout == "dense":
+        return args
+    layout = problem.attention_mask() if rw.layout == "padded" else problem.cu_seqlens()
+    return (*args, backends.get(backend).asarray(layout, "int64"))
+
+
+def _positions(rw: Rewrite) -> tuple[int, ...]:
+    """The arguments with one value per position besides x: a padding mask."""
+    return (6,) if rw.layout == "padded" else ()
+
+
+def _layout_name(rw: Rewrite) -> list[str]:
+    return [LAYOUT_ARG[rw.layout]] if rw.layout in LAYOUT_ARG else []
 
 
 def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> AttentionProblem:
@@ -66,7 +87,7 @@ def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> A
         return problem
     head = problem.prefix(backends.PROBE_TOKENS)
     try:
-        limit = be.tokens(impl, (*oracles.as_backend(head, backend, dtype), problem.n_head), N_HEAD_ARG)
+        limit = be.tokens(impl, rewrite_args(rw, head, backend, dtype), N_HEAD_ARG, _positions(rw))
     except Exception:  # it cannot be traced: running it will say why
         return problem
     return problem if limit is None or problem.n_seq <= limit else problem.prefix(limit)
@@ -84,19 +105,19 @@ def _line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [""])[0]
 
 
-def _call(be: backends.Backend, impl: Any, args: tuple) -> Any:
+def _call(be: backends.Backend, impl: Any, args: tuple, positions: tuple[int, ...]) -> Any:
     """Call the rewrite; whatever it raises, `sys.exit` included, is its error."""
     try:
-        return be.runner(impl, args, N_HEAD_ARG)(*args)
+        return be.runner(impl, args, N_HEAD_ARG, positions)(*args)
     except SystemExit as e:
         raise RewriteFailed(f"called sys.exit({e.code!r})") from e
     except Exception as e:
         raise RewriteFailed(f"raised {type(e).__name__}: {_line(e)}") from e
 
 
-def _check_inputs(be: backends.Backend, args: tuple, before: list[np.ndarray]) -> None:
+def _check_inputs(be: backends.Backend, names: list[str], arrays: list, before: list[np.ndarray]) -> None:
     """RewriteFailed if the call changed any of its inputs (compared value for value)."""
-    for name, a, was in zip(INPUT_NAMES, args[: len(before)], before, strict=True):
+    for name, a, was in zip(names, arrays, before, strict=True):
         try:
             now = be.to_numpy(a)
         except Exception as e:  # replaced by something unreadable (torch .set_(), say)

@@ -14,6 +14,7 @@ sees all 12 layers at 16 tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,7 +25,15 @@ from hypothesis.strategies import SearchStrategy
 from oracles import backends, gpt2, truth
 from oracles.problem import AttentionProblem
 from oracles.reference import file_fingerprint, stored
-from properties.strategies import EXTREME, LARGE_LOGITS, LENGTH_LADDER, attention_problems, long_attention_problems
+from properties.strategies import (
+    EXTREME,
+    LARGE_LOGITS,
+    LENGTH_LADDER,
+    attention_problems,
+    long_attention_problems,
+    packed_problems,
+    padded_problems,
+)
 from rewrites.verify.verdicts import CLAIM_DTYPES
 
 FULL_CONTEXT = 1024
@@ -137,3 +146,34 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
         dense(2, 1, 3, q=1e11, label="logits near 1e11 (picoGPT's -1e10 mask leaks)"),
     ]
+
+
+def laid_out(bands: Bands, layout: str) -> Bands:
+    """The bands' problems with a drawn layout: padded batches or packed documents."""
+    if layout == "dense":
+        return bands
+    return tuple(padded_problems(b) if layout == "padded" else packed_problems(b) for b in bands)
+
+
+#: A real layer's packed documents, as many as fit before the rest (one long document) and
+#: a padding tail of n_seq // 16: at 1024 tokens [1, 7, 100, 300, 552] and 64 padding.
+REAL_DOCUMENTS = (1, 7, 100, 300)
+
+
+def with_layout(problem: AttentionProblem, layout: str) -> AttentionProblem:
+    """A fixed layout for a problem not drawn by Hypothesis (a real layer, an explicit
+    example); one that has a layout keeps it. Padded: a batch of two copies, the first
+    left-padded to two thirds of its tokens, the second right-padded to three quarters
+    (padding positions hold real hidden states, as a pad token's do). Packed:
+    REAL_DOCUMENTS."""
+    if layout == "dense" or problem.segments is not None:
+        return problem
+    n = problem.n_seq
+    if layout == "padded":
+        two = dataclasses.replace(problem, x=np.stack([problem.x, problem.x]))
+        return two.padded([n - n // 3, n - n // 4], ["left", "right"])
+    room, docs = n - n // 16, []
+    for d in REAL_DOCUMENTS:
+        if sum(docs) + d < room:
+            docs.append(d)
+    return problem.packed([*docs, room - sum(docs)])

@@ -19,6 +19,7 @@ from oracles.truth import variant
 from rewrites.verify.execute import run_rewrite
 
 LEAK_MIN_SEQ = 8  # the leak probe appends tokens to shorter failures: how far ahead needs room
+MUCH_CLOSER = 1e3  # a wrong row this much closer to a wrong formula than to the truth is that formula
 
 
 def _with(problem: AttentionProblem, **arrays: np.ndarray) -> AttentionProblem:
@@ -177,3 +178,67 @@ def rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: Attention
     lo, hi = float(sums.min()), float(sums.max())
     return [{"finding": "rows do not sum to 1", "min": lo, "max": hi,
              "text": f"rows of attention weights do not sum to 1: they sum to {lo:.3g} .. {hi:.3g}"}]  # fmt: skip
+
+
+def _row_over(truth: Any, at: tuple, keys: np.ndarray, equal: bool = False) -> np.ndarray:
+    """[n_embd] float64: the output row at `at` (batch index..., position) had its query
+    attended exactly the `keys` [n_seq] bool of its row (none: c_proj's bias); `equal`:
+    with equal weights (a row of equal finite mask values, e.g. a fully masked one)."""
+    pb = truth.problem
+    *batch, i = at
+    q, k, v = (np.split(t, pb.n_head, axis=-1) for t in np.split(truth.qkv[tuple(batch)], 3, axis=-1))
+    o = np.zeros(pb.n_embd)
+    for h in range(pb.n_head) if keys.any() else ():
+        z = k[h][keys] @ q[h][i] / np.sqrt(pb.head_dim)  # [keys]
+        w = np.ones_like(z) if equal else np.exp(z - z.max())
+        o[h * pb.head_dim : (h + 1) * pb.head_dim] = (w / w.sum()) @ v[h][keys]
+    return o @ pb.c_proj_w + pb.c_proj_b
+
+
+def _whose(segments: np.ndarray) -> str:
+    """The positions' segments in words: "padding", "document 0", ..."""
+    return ", ".join("padding" if s < 0 else f"document {s}" for s in sorted(set(segments.tolist())))
+
+
+def layout_fault(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """For a padded or packed problem: the first wrong row, real or padding, and which keys
+    it attends (of those tried: every earlier key, every key, its own and the one before
+    its document), or that it is NaN."""
+    seg, tolerance = problem.segments, truth.tolerance(dtype)
+    bad = rows_beyond(base, truth.out, tolerance)  # [..., n_seq]
+    if seg is None or not bad.any():
+        return []
+    padding = bad & (seg < 0)
+    at = tuple(int(i) for i in np.argwhere(padding if padding.any() else bad)[0])  # (batch..., position)
+    *batch, i = at
+    row_seg, where = seg[tuple(batch)], f"position {i} of sequence {list(batch) if len(batch) != 1 else batch[0]}"
+    n, own = problem.n_seq, seg[at]
+    if not batch:
+        where = f"position {i}"
+    if np.isnan(base[at]).any():
+        what = "is padding" if own < 0 else f"is in document {own}"
+        return [{"finding": "NaN rows", "position": list(at),
+                 "text": f"NaN: {where} {what} and comes out NaN (a query with no key to attend: 0/0)"}]  # fmt: skip
+    start = i
+    while start > 0 and row_seg[start - 1] == own:
+        start -= 1
+    earlier = np.arange(n) <= i
+    every = np.ones(n, bool)
+    tries = [(earlier, "every key before it", False), (every, "every key, the future too", False),
+             (every, "every key with equal weights (its mask values all alike)", True)]  # fmt: skip
+    if own >= 0 and start > 0:  # the most specific first
+        one_more = (np.arange(n) >= start - 1) & earlier
+        tries.insert(0, (one_more, f"one key before its sequence, position {start - 1}", False))
+    off = excess(base[at], truth.out[at], tolerance[at])
+    for keys, how, equal in tries:
+        # within the bound, or (a kernel computing in a lower precision) a thousand times closer than the truth
+        near = excess(base[at], _row_over(truth, at, keys, equal), tolerance[at])
+        if near <= max(1.0, off / MUCH_CLOSER):
+            others = row_seg[keys & (row_seg != own) if own >= 0 else keys]
+            who = "is padding and" if own < 0 else f"(document {own})"
+            text = f"{where} {who} attends {_whose(others) or 'nothing else'}: {how}"
+            text += "" if near <= 1 else f" ({off / near:.2g}x closer than the truth, not within the bound)"
+            return [{"finding": "attends across the layout", "position": list(at), "keys": how, "text": text}]
+    what = "a padding position" if own < 0 else f"in document {own}"
+    return [{"finding": "layout", "position": list(at),
+             "text": f"{where} ({what}) is wrong, but not as attending other documents or padding"}]  # fmt: skip
