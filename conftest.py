@@ -132,7 +132,7 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 #: n_seq 2049 and real layers at 1024, on the backends that compile nothing per shape; the
 #: others, and every family on JAX (each long length a compilation, minutes a rewrite:
 #: `verify` searches JAX at real lengths), get the quick profile (short shapes).
-LENGTH_FAMILIES = ("tiles", "length_mutant", "serving")
+LENGTH_FAMILIES = ("tiles", "length_mutant", "split_kv", "paged_kv")
 LENGTH_EXAMPLES = 16
 
 

@@ -418,6 +418,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def stack_caches() -> tuple[str, ...]:
+    from rewrites.stack import CACHES
+
+    return CACHES
+
+
 def cmd_decode(args: argparse.Namespace) -> int:
     """KV-cache decoding through the real attention path: error growth with depth and position."""
     import json
@@ -430,10 +436,11 @@ def cmd_decode(args: argparse.Namespace) -> int:
     report = {}
     for name in args.backend or backends.available():
         for dtype in args.dtype or ["float32"]:
-            progress(f"decoding {args.n_seq} tokens through 1..{weights.config.n_layer} layers on {name} {dtype}")
-            rows = stack.error_growth(weights, x, name, dtype)
+            layers = f"1..{weights.config.n_layer} layers"
+            progress(f"decoding {args.n_seq} tokens through {layers} on {name} {dtype}, {args.cache} cache")
+            rows = stack.error_growth(weights, x, name, dtype, cache=args.cache)
             report[f"{name}-{dtype}"] = rows
-            print(f"\nmax |decode - float64 truth| on {name} {dtype}, by depth (rows) and position (columns)")
+            print(f"\nmax |decode - float64 truth| on {name} {dtype}, {args.cache} cache, by depth and position")
             print(
                 markdown_table(
                     list(rows[0]), [[r["depth"], *(f"{v:.2g}" for k, v in r.items() if k != "depth")] for r in rows]
@@ -606,6 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("decode", help="KV-cache decoding through the real attention path: error growth")
     common(p)
     p.add_argument("--n-seq", type=_at_least(1, int), default=256, help="tokens (default 256)")
+    p.add_argument(
+        "--cache",
+        choices=stack_caches(),
+        default="contiguous",
+        help="the KV cache's layout: contiguous (default), split_kv (flash-decoding), paged (a block table)",
+    )
     p.add_argument("--report", default="report", help="report folder (default report/)")
     p.set_defaults(run=cmd_decode)
 

@@ -11,6 +11,11 @@ LM head turns the output into next-token logits: the full model, with greedy gen
 tokens one at a time through the same layers with a per-layer KV cache, written once
 against the array API. The cache has a fixed shape [..., n_head, n_max, head_dim]
 and position t is written in place, so every step has the same shapes (JAX compiles one step function).
+
+The cache may be laid out as inference servers do (`Cache`): "contiguous" (slot t holds
+position t), "split_kv" (flash-decoding: the slots in SPLITS chunks, each with its own
+max, sum and output, combined by log-sum-exp), or "paged" (pages of PAGE tokens in a pool,
+in the shuffled order of a block table, read back through it). All must equal the full pass.
 """
 
 from __future__ import annotations
@@ -18,14 +23,20 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable
+from typing import Literal
 
 import numpy as np
+from array_api_compat import device
 
 import oracles
 from oracles import backends, model
 from oracles.gpt2 import GPT2Weights, attention_path
 from oracles.truth import layer_norm as ln64
+from rewrites.catalogue.serving import PAGE, SPLITS, block_table, chunk, combine
 from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv
+
+Cache = Literal["contiguous", "split_kv", "paged"]
+CACHES = ("contiguous", "split_kv", "paged")
 
 
 def _arrays(weights: GPT2Weights, backend: str, dtype: str, n_layers: int | None) -> tuple[list[tuple], list, tuple]:
@@ -71,27 +82,41 @@ def layer_norm(xp, x, g, b, eps: float):
     return d / xp.sqrt(xp.mean(d * d, axis=-1, keepdims=True) + eps) * g + b
 
 
-def attend_cached(xp, h, t, k_cache, v_cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int):
+def attend_cached(
+    xp, h, t, k_cache, v_cache, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head: int, cache: Cache = "contiguous"
+):
     """The attention sublayer for one token h [..., 1, n_embd] at position t: its k, v are
-    written into slot t of the caches [..., n_head, n_max, head_dim], and it attends over
-    slots 0..t. Returns (output [..., 1, n_embd], k_cache, v_cache)."""
+    written into the caches (slot t of [..., n_head, n_max, head_dim]; "paged": its page's
+    offset in the pool [..., n_head, n_pages, PAGE, head_dim]), and it attends over
+    positions 0..t. Returns (output [..., 1, n_embd], k_cache, v_cache)."""
     q, k, v = (split_heads(xp, s, n_head) for s in split_qkv(xp, linear(h, c_attn_w, c_attn_b)))  # [..., H, 1, hd]
-    n_max = k_cache.shape[-2]
-    k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
-    z = q @ xp.matrix_transpose(k_cache) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
+    if cache == "paged":
+        table = xp.asarray(block_table(k_cache.shape[-3]), device=device(k_cache))  # logical page -> slot in the pool
+        k_cache, v_cache = write_page(k_cache, table, t, k), write_page(v_cache, table, t, v)
+        keys, values = (read_paged(xp, c, table) for c in (k_cache, v_cache))  # [..., H, n_max, hd]
+    else:
+        k_cache, v_cache = write_slot(k_cache, t, k), write_slot(v_cache, t, v)
+        keys, values = k_cache, v_cache
+    n_max = keys.shape[-2]
+    z = q @ xp.matrix_transpose(keys) / math.sqrt(q.shape[-1])  # [..., H, 1, n_max]
     z = xp.where(xp.arange(n_max) <= t, z, -math.inf)  # slots after t are empty
-    return linear(merge_heads(xp, softmax(xp, z) @ v_cache), c_proj_w, c_proj_b), k_cache, v_cache
+    if cache == "split_kv":
+        size = max(1, math.ceil(n_max / SPLITS))
+        o = combine(xp, [chunk(xp, z[..., j : j + size], values[..., j : j + size, :]) for j in range(0, n_max, size)])
+    else:
+        o = softmax(xp, z) @ values  # [..., H, 1, hd]
+    return linear(merge_heads(xp, o), c_proj_w, c_proj_b), k_cache, v_cache
 
 
-def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float):
+def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float, cache: Cache = "contiguous"):
     """One token [..., 1, n_embd] at position t through every layer; returns (ln_f output, caches).
 
-    caches: per layer (k, v), each [..., n_head, n_max, head_dim]; position t is written."""
+    caches: per layer (k, v), each laid out as `cache` says; position t is written."""
     xp = array_namespace(x_t)
     new_caches = []
     for (ln_g, ln_b, *attn), mlp, (k_cache, v_cache) in zip(layers, mlps, caches, strict=True):
         a, k_cache, v_cache = attend_cached(
-            xp, layer_norm(xp, x_t, ln_g, ln_b, eps), t, k_cache, v_cache, *attn, n_head
+            xp, layer_norm(xp, x_t, ln_g, ln_b, eps), t, k_cache, v_cache, *attn, n_head, cache
         )
         x_t = x_t + a
         if mlp is not None:
@@ -109,6 +134,21 @@ def write_slot(cache, t, value):
     return cache
 
 
+def write_page(pool, table, t, value):
+    """pool[..., table[t // PAGE], t % PAGE, :] = value[..., 0, :] (JAX: `.at[].set`)."""
+    page = table[t // PAGE]
+    if hasattr(pool, "at"):
+        return pool.at[..., page, t % PAGE, :].set(value[..., 0, :])
+    pool[..., page, t % PAGE, :] = value[..., 0, :]
+    return pool
+
+
+def read_paged(xp, pool, table):
+    """The pool [..., H, n_pages, PAGE, hd] read page by page through the block table: [..., H, n_pages*PAGE, hd]."""
+    pages = xp.take(pool, table, axis=-3)  # logical page order
+    return xp.reshape(pages, (*pool.shape[:-3], -1, pool.shape[-1]))
+
+
 def decode(
     weights: GPT2Weights,
     x: np.ndarray,
@@ -116,31 +156,36 @@ def decode(
     dtype: str,
     n_layers: int | None = None,
     on_step: Callable[[int], None] | None = None,
+    cache: Cache = "contiguous",
 ) -> np.ndarray:
-    """Feed x [..., n_seq, n_embd] one token at a time; row t is step t's output (after ln_f)."""
+    """Feed x [..., n_seq, n_embd] one token at a time; row t is step t's output (after ln_f).
+    `cache`: how each layer's KV cache is laid out (module doc)."""
     be, c = backends.get(backend), weights.config
     xp = be.namespace
     attn, mlps, ln_f = _arrays(weights, backend, dtype, n_layers)
     *batch, n, _ = x.shape
-    caches, step = _empty_caches(weights, backend, dtype, (*batch,), n, len(attn)), _step_function(backend)
-    xs, outs = be.asarray(x, dtype), []
+    caches = _empty_caches(weights, backend, dtype, (*batch,), n, len(attn), cache)
+    step, xs, outs = _step_function(backend), be.asarray(x, dtype), []
     for t in range(n):
-        out, caches = step(xs[..., t : t + 1, :], t, caches, attn, mlps, ln_f, c.n_head, c.eps)
+        out, caches = step(xs[..., t : t + 1, :], t, caches, attn, mlps, ln_f, c.n_head, c.eps, cache)
         outs.append(out)
         if on_step:
             on_step(t)
     return be.to_numpy(xp.concat(outs, axis=-2))
 
 
-def _empty_caches(weights: GPT2Weights, backend: str, dtype: str, batch: tuple, n_max: int, n_layers: int) -> list:
+def _empty_caches(
+    weights: GPT2Weights, backend: str, dtype: str, batch: tuple, n_max: int, n_layers: int, cache: Cache = "contiguous"
+) -> list:
     c, be = weights.config, backends.get(backend)
-    shape = (*batch, c.n_head, n_max, c.n_embd // c.n_head)
+    slots = (n_max,) if cache != "paged" else (math.ceil(n_max / PAGE), PAGE)  # paged: a pool of pages
+    shape = (*batch, c.n_head, *slots, c.n_embd // c.n_head)
     return [(be.asarray(np.zeros(shape), dtype), be.asarray(np.zeros(shape), dtype)) for _ in range(n_layers)]
 
 
 def _step_function(backend: str) -> Callable:
     """decode_step compiled where the backend compiles: one compilation for all steps, the shapes never change."""
-    return backends.get(backend).compile(decode_step, (6, 7))
+    return backends.get(backend).compile(decode_step, (6, 7, 8))
 
 
 def generate(
@@ -211,13 +256,15 @@ def within_reference_error(
     return err <= limit, f"error {err:.3g}, reference's error {ref:.3g}, limit {limit:.3g}"
 
 
-def error_growth(weights: GPT2Weights, x: np.ndarray, backend: str, dtype: str, buckets: int = 4) -> list[dict]:
+def error_growth(
+    weights: GPT2Weights, x: np.ndarray, backend: str, dtype: str, buckets: int = 4, cache: Cache = "contiguous"
+) -> list[dict]:
     """Max |decode - truth| after each depth, per block of positions: how error grows."""
     n = x.shape[-2]
     edges = np.linspace(0, n, buckets + 1).astype(int)
     rows = []
     for depth in range(1, weights.config.n_layer + 1):
-        err = np.abs(decode(weights, x, backend, dtype, depth) - truth(weights, x, depth))  # [..., n, e]
+        err = np.abs(decode(weights, x, backend, dtype, depth, cache=cache) - truth(weights, x, depth))  # [..., n, e]
         per_pos = err.reshape(-1, n, err.shape[-1]).max(axis=(0, 2))
         rows.append(
             {

@@ -1,4 +1,4 @@
-"""The serving family (rewrites/catalogue/serving.py): a paged cache gives back exactly what
+"""The serving families split_kv and paged_kv (rewrites/catalogue/serving.py): a paged cache gives back exactly what
 was written, through any block table; its mutants are found by the search alone at their
 exact first failing length (the verdicts test_rewrites.py holds claims against)."""
 
@@ -39,7 +39,7 @@ def test_pages_give_back_what_was_written(n, heads):
         assert not np.array_equal(serving.read_pages(xp, serving.paged(xp, k, table), sorted(table), n), k)
 
 
-@pytest.mark.families("serving")
+@pytest.mark.families("split_kv", "paged_kv")
 def test_serving_mutant_found_at_its_exact_first_failing_length(rewrite_case, verdicts, verifiers):
     rw, backend, dtype = rewrite_case
     if rw.name not in FIRST_FAILS_AT:
@@ -56,5 +56,5 @@ def test_serving_mutant_found_at_its_exact_first_failing_length(rewrite_case, ve
 def test_every_serving_mutant_has_a_stated_threshold():
     from rewrites.registry import builtin
 
-    mutants = {rw.name for rw in builtin() if rw.family == "serving" and rw.claim == "inequivalent"}
+    mutants = {rw.name for rw in builtin() if rw.family in ("split_kv", "paged_kv") and rw.claim == "inequivalent"}
     assert mutants == set(FIRST_FAILS_AT)

@@ -42,3 +42,40 @@ def test_decoding_1024_positions_through_the_real_stack(backend, gpt2_weights, f
     ok, msg = stack.within_reference_error(decoded, full, exact, "float32", gpt2_weights.config.n_layer)
     assert ok, msg
     assert np.isfinite(decoded).all()
+
+
+@pytest.fixture(scope="module")
+def three_pages(gpt2_weights) -> tuple[np.ndarray, np.ndarray]:
+    """40 tokens: three pages of 16 (the last partial), four split-KV chunks of 10."""
+    x = gpt2.synthetic_stream(gpt2_weights, 40, seed=1)
+    return x, stack.truth(gpt2_weights, x)
+
+
+@pytest.mark.dtypes("float64", "float32")
+@pytest.mark.parametrize("cache", ["split_kv", "paged"])
+def test_split_kv_and_paged_decoding_equal_the_full_pass(backend, dtype, cache, gpt2_weights, three_pages):
+    """Flash-decoding's chunks and a paged cache's block table, through the 12 real layers."""
+    x, exact = three_pages
+    full = stack.forward(gpt2_weights, x, backend, dtype)
+    decoded = stack.decode(gpt2_weights, x, backend, dtype, cache=cache)
+    ok, msg = stack.within_reference_error(decoded, full, exact, dtype, gpt2_weights.config.n_layer)
+    assert ok, f"{cache}: {msg}"
+
+
+@pytest.mark.parametrize("fault", ["pages in slot order", "chunks without their maxima"])
+def test_a_misread_cache_is_caught_through_the_stack(fault, gpt2_weights, three_pages, monkeypatch):
+    """The other side: the same check fails a cache read in the wrong page order, or
+    chunks combined without their maxima (numpy float64)."""
+    x, exact = three_pages
+    if fault == "pages in slot order":
+        read = stack.read_paged
+        monkeypatch.setattr(stack, "read_paged", lambda xp, pool, table: read(xp, pool, xp.sort(table)))
+        cache = "paged"
+    else:
+        combine = stack.combine
+        monkeypatch.setattr(stack, "combine", lambda xp, parts: combine(xp, parts, rescale=False))
+        cache = "split_kv"
+    full = stack.forward(gpt2_weights, x, "numpy", "float64")
+    decoded = stack.decode(gpt2_weights, x, "numpy", "float64", cache=cache)
+    ok, msg = stack.within_reference_error(decoded, full, exact, "float64", gpt2_weights.config.n_layer)
+    assert not ok, f"{fault} passed: {msg}"

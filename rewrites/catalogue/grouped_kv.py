@@ -14,7 +14,7 @@ def _attention(xp, q, k, v):
     return softmax(xp, logits(xp, q, k)) @ v
 
 
-@rewrite(family="grouped_kv", claim="equivalent", level="core", kv_heads="half")
+@rewrite(family="gqa", claim="equivalent", level="core", kv_heads="half")
 def gqa_repeat_interleave(q, k, v):
     """Grouped-query attention: each k, v head repeated for its group (repeat_interleave), then attention."""
     xp = array_namespace(q)
@@ -22,7 +22,7 @@ def gqa_repeat_interleave(q, k, v):
     return _attention(xp, q, *(xp.repeat(t, g, axis=-3) for t in (k, v)))  # [..., H, n, hd]
 
 
-@rewrite(family="grouped_kv", claim="equivalent", level="core", kv_heads="half")
+@rewrite(family="gqa", claim="equivalent", level="core", kv_heads="half")
 def gqa_grouped_matmul(q, k, v):
     """Grouped-query attention without copying k and v: a group's query heads in one matmul with their shared head."""
     xp = array_namespace(q)
@@ -33,13 +33,13 @@ def gqa_grouped_matmul(q, k, v):
     return xp.reshape(_attention(xp, qg, kg, vg), q.shape)  # [..., H, n, hd]
 
 
-@rewrite(family="grouped_kv", claim="equivalent", level="core", kv_heads="one")
+@rewrite(family="gqa", claim="equivalent", level="core", kv_heads="one")
 def mqa_broadcast(q, k, v):
     """Multi-query attention: one k, v head broadcast over every query head."""
     return _attention(array_namespace(q), q, k, v)  # [..., 1, n, hd] broadcasts against [..., H, n, hd]
 
 
-@rewrite(family="grouped_kv", claim="inequivalent", level="core", kv_heads="half")
+@rewrite(family="gqa", claim="inequivalent", level="core", kv_heads="half")
 def gqa_tile_not_interleave(q, k, v):
     """Grouped-query attention that repeats the k, v heads with `tile` (torch's .repeat), not repeat_interleave.
 

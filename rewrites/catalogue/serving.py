@@ -18,40 +18,51 @@ SPLITS = 4  # flash-decoding's num_splits: the keys of every row in 4 chunks
 PAGE = 16  # tokens per page of the paged cache (vLLM's default block size)
 
 
-def split_kv(xp, q, k, v, splits: int, rescale: bool = True):
-    """Attention of q over k, v [..., H, n, hd] with the keys in `splits` chunks, each giving
-    its own max m_s, sum l_s and unnormalised output o_s, combined as
-    sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s with m = max_s m_s.
+def chunk(xp, s, v):
+    """One chunk's partial result: its max m_s, sum l_s and unnormalised output o_s, from
+    its masked scores s [..., H, nq, c] (-inf: not attended) and values v [..., H, c, hd].
+    A chunk wholly masked for a row has m_s = -inf and contributes nothing (its max is
+    taken as 0 inside the chunk, so exp(-inf - 0) = 0, never -inf - -inf = NaN)."""
+    m_s = xp.max(s, axis=-1, keepdims=True)  # [..., H, nq, 1]
+    p = xp.exp(s - xp.where(m_s == -math.inf, 0.0, m_s))  # [..., H, nq, c]
+    return m_s, xp.sum(p, axis=-1, keepdims=True), p @ v
 
-    A chunk wholly in a row's future has m_s = -inf and contributes nothing (its max is
-    taken as 0 inside the chunk, so exp(-inf - 0) = 0, never -inf - -inf = NaN).
-    `rescale=False` is the bug of combining the chunks without their maxima."""
-    n = q.shape[-2]
-    size = max(1, math.ceil(n / splits))
-    parts = []  # (m_s, l_s, o_s) per chunk: [..., H, n, 1], [..., H, n, 1], [..., H, n, hd]
-    for kj in range(0, n, size):
-        s = q @ xp.matrix_transpose(k[..., kj : kj + size, :]) * scale(q.shape[-1])  # [..., H, n, c]
-        s = xp.where(causal(xp, n, s.shape[-1], offset=-kj), s, -math.inf)
-        m_s = xp.max(s, axis=-1, keepdims=True)  # [..., H, n, 1] -inf where the chunk is all future
-        p = xp.exp(s - xp.where(m_s == -math.inf, 0.0, m_s))  # [..., H, n, c]
-        parts.append((m_s, xp.sum(p, axis=-1, keepdims=True), p @ v[..., kj : kj + size, :]))
+
+def combine(xp, parts, rescale: bool = True):
+    """sum_s exp(m_s - m) o_s / sum_s exp(m_s - m) l_s with m = max_s m_s (finite: some
+    chunk holds each row's own key). `rescale=False` is the bug of combining the chunks
+    without their maxima."""
     m = parts[0][0]
     for m_s, _, _ in parts[1:]:
-        m = xp.maximum(m, m_s)  # [..., H, n, 1] finite: chunk 0 holds key 0
-    weights = [xp.exp(m_s - m) if rescale else 1.0 for m_s, _, _ in parts]  # [..., H, n, 1] 0 for a future chunk
-    o = sum(w * o_s for w, (_, _, o_s) in zip(weights, parts, strict=True))  # [..., H, n, hd]
-    total = sum(w * l_s for w, (_, l_s, _) in zip(weights, parts, strict=True))  # [..., H, n, 1]
+        m = xp.maximum(m, m_s)  # [..., H, nq, 1]
+    weights = [xp.exp(m_s - m) if rescale else 1.0 for m_s, _, _ in parts]  # 0 for a masked chunk
+    o = sum(w * o_s for w, (_, _, o_s) in zip(weights, parts, strict=True))  # [..., H, nq, hd]
+    total = sum(w * l_s for w, (_, l_s, _) in zip(weights, parts, strict=True))  # [..., H, nq, 1]
     return o / total
 
 
-@rewrite(family="serving", claim="equivalent")
+def split_kv(xp, q, k, v, splits: int, rescale: bool = True):
+    """Attention of q over k, v [..., H, n, hd] with the keys in `splits` chunks, each giving
+    its own partial result (`chunk`), combined by log-sum-exp (`combine`)."""
+    n = q.shape[-2]
+    size = max(1, math.ceil(n / splits))
+    parts = []
+    for kj in range(0, n, size):
+        s = q @ xp.matrix_transpose(k[..., kj : kj + size, :]) * scale(q.shape[-1])  # [..., H, n, c]
+        parts.append(
+            chunk(xp, xp.where(causal(xp, n, s.shape[-1], offset=-kj), s, -math.inf), v[..., kj : kj + size, :])
+        )
+    return combine(xp, parts, rescale)
+
+
+@rewrite(family="split_kv", claim="equivalent")
 def split_kv_decode(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Flash-decoding: each row's keys split into 4 chunks, combined by log-sum-exp."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     return project_out(xp, split_kv(xp, q, k, v, SPLITS), c_proj_w, c_proj_b)
 
 
-@rewrite(family="serving", claim="inequivalent")
+@rewrite(family="split_kv", claim="inequivalent")
 def split_kv_combined_without_maxima(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Flash-decoding whose combine adds the chunks' sums and outputs as they are, each still relative to its own max.
 
@@ -100,13 +111,13 @@ def paged_attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, read_tabl
     return project_out(xp, e / xp.sum(e, axis=-1, keepdims=True) @ v, c_proj_w, c_proj_b)
 
 
-@rewrite(family="serving", claim="equivalent")
+@rewrite(family="paged_kv", claim="equivalent")
 def paged_kv_cache(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """A paged KV cache: pages of 16 tokens in shuffled slots, read through the block table."""
     return paged_attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
 
 
-@rewrite(family="serving", claim="inequivalent")
+@rewrite(family="paged_kv", claim="inequivalent")
 def paged_kv_misordered_pages(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """A paged KV cache read in slot order, not through the block table.
 
@@ -115,7 +126,7 @@ def paged_kv_misordered_pages(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
     return paged_attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, read_table=sorted)
 
 
-@rewrite(family="serving", claim="inequivalent")
+@rewrite(family="paged_kv", claim="inequivalent")
 def paged_kv_stale_page(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """A paged KV cache whose block table entry for the newest page is not yet written: it still names the page before.
 
