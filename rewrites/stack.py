@@ -126,21 +126,23 @@ def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float, cac
 
 
 def write_slot(cache, t, value):
-    """cache[..., t, :] = value[..., 0, :]. JAX arrays are immutable: `.at[].set` (in place
-    under jit, and t may be traced); NumPy and PyTorch write in place, O(1) per step."""
-    if hasattr(cache, "at"):
-        return cache.at[..., t, :].set(value[..., 0, :])
-    cache[..., t, :] = value[..., 0, :]
-    return cache
+    """cache[..., t, :] = value[..., 0, :]."""
+    return _write(cache, (t,), value)
 
 
 def write_page(pool, table, t, value):
-    """pool[..., table[t // PAGE], t % PAGE, :] = value[..., 0, :] (JAX: `.at[].set`)."""
-    page = table[t // PAGE]
-    if hasattr(pool, "at"):
-        return pool.at[..., page, t % PAGE, :].set(value[..., 0, :])
-    pool[..., page, t % PAGE, :] = value[..., 0, :]
-    return pool
+    """pool[..., table[t // PAGE], t % PAGE, :] = value[..., 0, :]: position t's page and offset."""
+    return _write(pool, (table[t // PAGE], t % PAGE), value)
+
+
+def _write(cache, at: tuple, value):
+    """cache[..., *at, :] = value[..., 0, :]. JAX arrays are immutable: `.at[].set` (in place
+    under jit, and `at` may be traced); NumPy and PyTorch write in place, O(1) per step."""
+    where = (Ellipsis, *at, slice(None))
+    if hasattr(cache, "at"):
+        return cache.at[where].set(value[..., 0, :])
+    cache[where] = value[..., 0, :]
+    return cache
 
 
 def read_paged(xp, pool, table):

@@ -14,6 +14,8 @@ import importlib.metadata
 import warnings
 
 from oracles.backends import DEVICES
+from rewrites.catalogue.padding import padding_mask
+from rewrites.common import array_namespace
 from rewrites.registry import Rewrite
 
 
@@ -158,19 +160,11 @@ def torch_sdpa_gqa(q, k, v):
     return o.reshape(q.shape)
 
 
-def _padding_mask(attention_mask, tri):
-    """[batch, 1, n, n] bool from attention_mask [..., n] and the causal [n, n] `tri`: causal,
-    a real key, a real query (each kernel builds `tri` with its own library)."""
-    real = (attention_mask == 1).reshape(-1, 1, attention_mask.shape[-1])  # [batch, 1, n]
-    return tri & real[..., None, :] & real[..., :, None]
-
-
 def torch_sdpa_padding(q, k, v, attention_mask):
     """SDPA with a boolean mask for a padded batch (a fully masked row: PyTorch's safe softmax)."""
     import torch
 
-    n = q.shape[-2]
-    mask = _padding_mask(attention_mask, torch.ones(n, n, dtype=torch.bool, device=q.device).tril())
+    mask = _four_d(padding_mask(array_namespace(q), attention_mask, q.shape[-2]))  # [batch, 1, n, n]
     o = torch.nn.functional.scaled_dot_product_attention(_four_d(q), _four_d(k), _four_d(v), attn_mask=mask)
     return o.reshape(q.shape)
 
@@ -181,8 +175,7 @@ def jax_dpa_padding(q, k, v, attention_mask):
     import jax.numpy as jnp
 
     bthd = lambda t: jnp.swapaxes(_four_d(t), -3, -2)
-    n = q.shape[-2]
-    mask = _padding_mask(attention_mask, jnp.tril(jnp.ones((n, n), dtype=bool)))
+    mask = _four_d(padding_mask(jnp, attention_mask, q.shape[-2]))  # [batch, 1, n, n]
     o = jax.nn.dot_product_attention(bthd(q), bthd(k), bthd(v), mask=mask, implementation="xla")
     return jnp.swapaxes(o, -3, -2).reshape(q.shape)
 

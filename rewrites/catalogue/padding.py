@@ -23,7 +23,7 @@ def _attend(xp, q, k, v, allowed):
     return xp.where(seen, softmax(xp, z), 0.0) @ v  # [..., H, n, hd]
 
 
-def _padding_mask(xp, attention_mask, n: int, shift_keys: bool = False):
+def padding_mask(xp, attention_mask, n: int, shift_keys: bool = False):
     """[..., 1, n, n] bool: causal, a real key, a real query. `shift_keys`: a key also
     counts as real when the one after it is (the off-by-one mutant)."""
     real = attention_mask == 1  # [..., n]
@@ -57,7 +57,7 @@ def _packed_mask(xp, cu_seqlens, n: int, boundaries: bool = True, boundary_off_b
 def padding_mask_safe_softmax(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, attention_mask):
     """A padded batch: causal and padding masks combined, softmax over what is left, a query with no key gets 0."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n, hd] x3
-    allowed = _padding_mask(xp, attention_mask, x.shape[-2])  # [..., 1, n, n]
+    allowed = padding_mask(xp, attention_mask, x.shape[-2])  # [..., 1, n, n]
     return project_out(xp, _attend(xp, q, k, v, allowed), c_proj_w, c_proj_b)  # [..., n, n_embd]
 
 
@@ -85,7 +85,7 @@ def padding_keys_attended(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, att
 def padding_rows_nan(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, attention_mask):
     """Masks right but with a plain softmax: a padding query sees only -inf, and exp(-inf - -inf) is NaN."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    allowed = _padding_mask(xp, attention_mask, x.shape[-2])
+    allowed = padding_mask(xp, attention_mask, x.shape[-2])
     o = softmax(xp, xp.where(allowed, scores(xp, q, k), -math.inf)) @ v
     return project_out(xp, o, c_proj_w, c_proj_b)
 
@@ -94,7 +94,7 @@ def padding_rows_nan(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, attentio
 def padding_off_by_one(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, attention_mask):
     """The key mask one position early: with left padding, each sequence also attends the padding token before it."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    allowed = _padding_mask(xp, attention_mask, x.shape[-2], shift_keys=True)
+    allowed = padding_mask(xp, attention_mask, x.shape[-2], shift_keys=True)
     return project_out(xp, _attend(xp, q, k, v, allowed), c_proj_w, c_proj_b)
 
 

@@ -211,10 +211,8 @@ def layout_fault(problem: AttentionProblem, truth: Any, dtype: str, base: np.nda
     padding = bad & (seg < 0)
     at = tuple(int(i) for i in np.argwhere(padding if padding.any() else bad)[0])  # (batch..., position)
     *batch, i = at
-    row_seg, where = seg[tuple(batch)], f"position {i} of sequence {list(batch) if len(batch) != 1 else batch[0]}"
-    n, own = problem.n_seq, seg[at]
-    if not batch:
-        where = f"position {i}"
+    row_seg, n, own = seg[tuple(batch)], problem.n_seq, seg[at]
+    where = f"position {i}" + (f" of sequence {batch[0] if len(batch) == 1 else batch}" if batch else "")
     if np.isnan(base[at]).any():
         what = "is padding" if own < 0 else f"is in document {own}"
         return [{"finding": "NaN rows", "position": list(at),
