@@ -90,13 +90,13 @@ class Precision:
         return eA @ aB + aA @ eB + (self.gamma(n) + self.u) * magnitude + self.store(y) + tiny_acc
 
 
-def _heads(t: np.ndarray, n_head: int) -> np.ndarray:
+def heads(t: np.ndarray, n_head: int) -> np.ndarray:
     """[..., n_seq, n_embd] -> [..., n_head, n_seq, head_dim]"""
     *batch, n_seq, n_embd = t.shape
     return np.swapaxes(t.reshape(*batch, n_seq, n_head, n_embd // n_head), -2, -3)
 
 
-def _merge(t: np.ndarray) -> np.ndarray:
+def merge_heads(t: np.ndarray) -> np.ndarray:
     """[..., n_head, n_seq, head_dim] -> [..., n_seq, n_embd]"""
     t = np.swapaxes(t, -2, -3)
     return t.reshape(*t.shape[:-2], -1)
@@ -135,8 +135,8 @@ class Truth:
         ex = pr.flush(x) if self.x_error is None else self.x_error
         # qkv = x @ W + b
         e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv, b) + pr.flush(b)
-        q, k, v = (_heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
-        eq, ek, ev = (_heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
+        q, k, v = (heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
+        eq, ek, ev = (heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
         # z = (q @ k.T) / sqrt(head_dim), the mask exact (causal, and the layout's documents)
         allowed = pb.allowed()
         kt, ekt = np.swapaxes(k, -1, -2), np.swapaxes(ek, -1, -2)
@@ -154,7 +154,7 @@ class Truth:
         s = np.where(s > 0, s, 1.0)
         dp = de / s + self.p * ds / s + pr.store(self.p)
         # o = p @ v, heads merged (exact), out = o @ Wo + bo
-        e_o = _merge(pr.linear(self.p, dp, v, ev, _heads(self.o, pb.n_head)))
+        e_o = merge_heads(pr.linear(self.p, dp, v, ev, heads(self.o, pb.n_head)))
         return pr.linear(self.o, e_o, wo, pr.flush(wo), self.out, bo) + pr.flush(bo)
 
     def tolerance(self, dtype: str) -> np.ndarray:
@@ -180,7 +180,7 @@ def _attention(problem: AttentionProblem, mask_offset: int) -> tuple[np.ndarray,
     x, w, b, wo, bo = (np.asarray(a, np.float64) for a in problem.arrays())
     n_seq, hd = problem.n_seq, problem.head_dim
     qkv = x @ w + b  # [..., n_seq, 3*n_embd]
-    q, k, v = (_heads(t, problem.n_head) for t in np.split(qkv, 3, axis=-1))  # [..., H, n_seq, hd]
+    q, k, v = (heads(t, problem.n_head) for t in np.split(qkv, 3, axis=-1))  # [..., H, n_seq, hd]
     z = np.einsum("...qd,...kd->...qk", q, k) / math.sqrt(hd)  # [..., H, n_seq, n_seq]
     allowed = np.tri(n_seq, k=mask_offset, dtype=bool) & (problem.allowed() | ~np.tri(n_seq, dtype=bool))
     z = np.where(allowed, z, -np.inf)  # [..., H, n_seq, n_seq]: the layout's documents, then the offset
@@ -190,7 +190,7 @@ def _attention(problem: AttentionProblem, mask_offset: int) -> tuple[np.ndarray,
         p = np.exp(z - lse)  # [..., H, n_seq, n_seq]
     if problem.segments is not None:  # a padding query attends nothing: its weights are 0
         p = np.where(problem.segments[..., None, :, None] >= 0, p, 0.0)
-    o = _merge(p @ v)  # [..., n_seq, n_embd]
+    o = merge_heads(p @ v)  # [..., n_seq, n_embd]
     out = o @ wo + bo  # [..., n_seq, n_embd]
     return qkv, z, p, o, out
 

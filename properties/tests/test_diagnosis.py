@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
+import oracles
+from oracles.problem import AttentionProblem
 from rewrites.common import array_namespace, causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import Rewrite, builtin, rewrite
-from rewrites.verify import Config, Inputs, Verdict, Verifier, inputs
+from rewrites.verify import Config, Inputs, Verdict, Verifier, inputs, probes
 
 
 def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, factor: float = 1.0, cast=None):
@@ -190,6 +193,23 @@ def mask_shifted_by_two(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
 
 
+def last_slot_stale(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """A cache whose newest slot still holds position 0's key and value (a slot not yet written),
+    from 3 tokens on (at 2, reading key 0 twice is the same as not seeing itself)."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    if q.shape[-2] > 2:
+        k, v = (xp.concat([t[..., :-1, :], t[..., :1, :]], axis=-2) for t in (k, v))  # [..., H, n, hd]
+    return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+
+
+def split_in_two_without_maxima(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Flash-decoding in 2 chunks whose partial results are added without their maxima."""
+    from rewrites.catalogue.serving import split_kv
+
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, split_kv(xp, q, k, v, splits=2, rescale=False), c_proj_w, c_proj_b)
+
+
 #: name -> (the finding its float64 counterexample must have, the rewrite); every other finding absent
 ONE_FINDING = {
     "no_causal_mask": "leaks the future",
@@ -206,9 +226,12 @@ ONE_FINDING = {
     "mask_shifted_by_two": "leaks the future",
     "scale_x0.5": "scale",
     "output_bias_twice": "extra bias",
+    "last_slot_stale": "reads the wrong key",
+    "split_in_two_without_maxima": "combined without maxima",
 }
 _UNNAMED = {"heads_swapped": heads_swapped, "mask_shifted_by_two": mask_shifted_by_two, "scale_x0.5": scaled(0.5),
-            "output_bias_twice": output_bias_twice}  # fmt: skip
+            "output_bias_twice": output_bias_twice, "last_slot_stale": last_slot_stale,
+            "split_in_two_without_maxima": split_in_two_without_maxima}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", ONE_FINDING)
@@ -228,6 +251,55 @@ def test_findings_say_which(verdicts):
     assert d("mask_shifted_by_two")["ahead"] == 2
     rows = d("softmax_wrong_axis")
     assert rows["min"] < 1 < rows["max"], rows  # normalised over queries: the first row's weights are shared out
+    stale = d("last_slot_stale")
+    assert stale["key"] == stale["position"][-1] and stale["read"] == 0, stale  # the newest row reads position 0
+    n = verdicts("split_in_two_without_maxima", split_in_two_without_maxima)["float64"].counterexample.first_fails_at
+    assert d("split_in_two_without_maxima")["chunk"] == -(-n // 2)  # two chunks of the cut failure's length
+
+
+def _keys_problem(n: int = 9, n_head: int = 2, head_dim: int = 3) -> AttentionProblem:
+    rng, e = np.random.default_rng(n), n_head * head_dim
+    w = lambda *shape: rng.normal(size=shape) / math.sqrt(shape[0])
+    return AttentionProblem(rng.normal(size=(2, n, e)), w(e, 3 * e), w(3 * e), w(e, e), w(e), n_head)
+
+
+def _key_outputs(p: AttentionProblem) -> dict:
+    """Outputs of one fault each, in float64: the row of position 6 of sequence 1 drops key 2,
+    or reads position 7's key and value in place of key 3; split-KV in chunks of 3 combined
+    without maxima; the logits doubled."""
+    from rewrites.catalogue.serving import split_kv
+
+    xp, q, k, v = heads_qkv(*p.arrays()[:3], p.n_head)
+    keep = np.ones(p.n_seq, bool)
+    keep[2] = False
+    drop = oracles.ground_truth(p).out
+    drop[1, 6] = probes._row_over(oracles.ground_truth(p), (1, 6), keep & (np.arange(p.n_seq) <= 6))
+    read = k.copy(), v.copy()
+    for t in read:
+        t[1, :, 3] = t[1, :, 7]  # [2, H, n, hd]: key 3 of sequence 1 holds position 7's entry
+    row = project_out(xp, softmax(xp, logits(xp, q, read[0])) @ read[1], *p.arrays()[3:])
+    stale = oracles.ground_truth(p).out
+    stale[1, 6:] = row[1, 6:]  # rows 3-5 would see it too; the probe reads the first wrong row (3)
+    split = project_out(xp, split_kv(xp, q, k, v, splits=3, rescale=False), *p.arrays()[3:])
+    doubled = project_out(xp, softmax(xp, 2 * logits(xp, q, k)) @ v, *p.arrays()[3:])
+    return {"drop": drop, "stale": stale, "split": split, "doubled": doubled, "right": oracles.ground_truth(p).out}
+
+
+def test_key_probes_name_their_fault_and_no_other():
+    """Both sides of wrong_keys and split_without_maxima: each fires on its fault only, and
+    neither on the right output or on attention at another scale."""
+    p = _keys_problem()
+    truth, outs = oracles.ground_truth(p), _key_outputs(p)
+    fired = {name: [f["finding"] for f in probes.wrong_keys(p, truth, "float64", out) +
+                    probes.split_without_maxima(p, truth, "float64", out)] for name, out in outs.items()}  # fmt: skip
+    assert fired == {"drop": ["drops a key"], "stale": ["reads the wrong key"], "split": ["combined without maxima"],
+                     "doubled": [], "right": []}, fired  # fmt: skip
+    (drop,) = probes.wrong_keys(p, truth, "float64", outs["drop"])
+    assert (drop["position"], drop["key"]) == ([1, 6], 2), drop
+    (stale,) = probes.wrong_keys(p, truth, "float64", outs["stale"])
+    assert (stale["position"], stale["key"], stale["read"]) == ([1, 6], 3, 7), stale
+    (split,) = probes.split_without_maxima(p, truth, "float64", outs["split"])
+    assert split["chunk"] == 3, split
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,18 @@ FIRST_FAILS_AT = {
     "ring_buffer_overflow_1000": 1001,
 }
 
+#: The key the first failing row goes without (its position is the first failing length - 1):
+#: the window loses key 0, the partial tile its own key, top-k its lowest-scoring key (any),
+#: the chunk boundary the previous chunk's last key, the ring buffer the overwritten key 0.
+#: A missed rescale drops no key: it gets the length threshold alone.
+DROPS_KEY = {
+    "sliding_window_300": 0,
+    "top_k_32": None,
+    "tiles_64_tail_dropped": 64,
+    "chunked_prefill_100_off_by_one": 99,
+    "ring_buffer_overflow_1000": 0,
+}
+
 
 @pytest.mark.families("length_mutant")
 def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, verdicts, verifiers):
@@ -40,6 +52,12 @@ def test_length_mutant_found_at_its_exact_first_failing_length(rewrite_case, ver
         assert ce.first_fails_at == expected, ce
     assert ce.shape["n_seq"] == ce.first_fails_at  # the saved problem is the cut one
     assert {"finding": "length threshold", "first_fails_at": ce.first_fails_at}.items() <= r.diagnosis[-1].items()
+    if rw.name in DROPS_KEY:
+        drop = r.diagnosis[0]
+        assert drop["finding"] == "drops a key" and drop["position"][-1] == ce.first_fails_at - 1, r.diagnosis
+        assert DROPS_KEY[rw.name] in (None, drop["key"]), drop
+    else:
+        assert len(r.diagnosis) == 1, r.diagnosis
     assert ce.examples_to_find is not None
 
 

@@ -20,6 +20,13 @@ FIRST_FAILS_AT = {
     "paged_kv_misordered_pages": 17,
     "paged_kv_stale_page": 17,
 }
+#: What its diagnosis must say, at that length: the pages swapped bring key 16 to row 0, the
+#: stale entry has row 16 read position 0's key and value in place of its own.
+FINDING = {
+    "split_kv_combined_without_maxima": {"finding": "combined without maxima"},
+    "paged_kv_misordered_pages": {"finding": "leaks the future", "first_row": 0, "ahead": 16},
+    "paged_kv_stale_page": {"finding": "reads the wrong key", "key": 16, "read": 0},
+}
 
 
 @given(n_pages=st.integers(1, 70))
@@ -51,6 +58,7 @@ def test_serving_mutant_found_at_its_exact_first_failing_length(rewrite_case, ve
     ce, expected = r.counterexample, FIRST_FAILS_AT[rw.name]
     assert ce.first_fails_at == expected if expected else ce.first_fails_at >= 2, ce
     assert ce.shape["n_seq"] == ce.first_fails_at
+    assert FINDING[rw.name].items() <= r.diagnosis[0].items(), r.diagnosis
 
 
 def test_every_serving_mutant_has_a_stated_threshold():

@@ -4,11 +4,12 @@ each listed only when its check fires (probes.py holds the checks):
 - a formula failure (`explain`, after the cut): a future leak, mixed batch items or heads,
   (padded or packed problems) a row attending padding or another document, or NaN,
   rows not summing to 1, a missing or extra bias, a token not seeing itself, a wrong last
-  row, a length threshold, attention at another scale, or else the right formula at a
+  row, a key dropped or read from another position, split-KV chunks combined without their
+  maxima, a length threshold, attention at another scale, or else the right formula at a
   lower precision (`imprecise`, precision.py), or "no known fault";
 - an `unstable` failure (`instability`): an overflow from a logit magnitude, or a future
   that leaks back in at large logits.
-Failures of more than 64 tokens are not probed (a shrunk counterexample has few).
+Failures of more than 64 tokens only get the cheap probes (a shrunk counterexample has few).
 """
 
 from __future__ import annotations
@@ -70,13 +71,18 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
       seeing itself; for a last-row rewrite, another position's row or query;
     - re-running the rewrite with one input changed: a key ahead changing a row (it leaks the
       future, and how far), one batch item changing another, one head's values reaching
-      another head's columns, rows of attention weights not summing to 1.
-    A rewrite that fails on these runs is not probed further."""
+      another head's columns, rows of attention weights not summing to 1;
+    - else the first wrong row attends without one of its keys or reads another position's
+      key in one's place (at any length), or its key chunks were combined without their maxima.
+    A rewrite that fails on these runs is not probed further; past _MAX_POSITIONS tokens only
+    the first wrong row's dropped key is tried."""
     if problem.segments is not None:  # padded or packed: which row attends what (one row each: any length)
         return probes.layout_fault(problem, truth_for(problem, backend, dtype), dtype, base)
-    if problem.n_seq > _MAX_POSITIONS:
+    if problem.n_seq > _MAX_POSITIONS and rw.output != "full":
         return []
     truth = truth_for(problem, backend, dtype)
+    if problem.n_seq > _MAX_POSITIONS:  # too long to perturb position by position; one row's keys are cheap
+        return probes.wrong_keys(problem, truth, dtype, base)
     if rw.output != "full":
         return probes.wrong_last_row(problem, truth, dtype, base)
     found = probes.known_variant(problem, truth, dtype, base)
@@ -88,6 +94,10 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
             found += probes.rows_do_not_sum_to_one(rw, backend, dtype, problem)
     except RewriteFailed:
         pass
+    if not found:  # which keys the first wrong row attends, or how its key chunks were combined
+        found += probes.wrong_keys(problem, truth, dtype, base) or probes.split_without_maxima(
+            problem, truth, dtype, base
+        )
     return found
 
 
@@ -136,9 +146,11 @@ def _overflow_starts(rw: Any, backend: str, dtype: str, problem: AttentionProble
 def unexplained(problem: AttentionProblem) -> dict:
     """A formula failure that no check explains: said so, rather than naming a wrong fault."""
     if problem.n_seq > _MAX_POSITIONS:
-        text = f"not probed: the failure has {problem.n_seq} tokens, the probes stop at {_MAX_POSITIONS}"
+        text = f"no known fault in its first wrong row's keys; the failure has {problem.n_seq} tokens, the other probes stop at {_MAX_POSITIONS}"
     else:
-        text = "no single known fault (a scale, a mask, a bias, heads, batch items, row sums, precision) explains it"
+        text = (
+            "no single known fault (a scale, a mask, a bias, heads, batch items, row sums, keys, precision) explains it"
+        )
     return {"finding": "no known fault", "text": text}
 
 

@@ -15,11 +15,13 @@ import numpy as np
 import oracles
 from oracles.problem import AttentionProblem
 from oracles.reference import excess, truth_for
-from oracles.truth import variant
+from oracles.truth import heads as heads_of
+from oracles.truth import merge_heads, variant
 from rewrites.verify.execute import run_rewrite
 
 LEAK_MIN_SEQ = 8  # the leak probe appends tokens to shorter failures: how far ahead needs room
 MUCH_CLOSER = 1e3  # a wrong row this much closer to a wrong formula than to the truth is that formula
+_MAX_SUBSTITUTED = 64  # wrong_keys tries n_seq^2 key substitutions up to this length
 
 
 def _with(problem: AttentionProblem, **arrays: np.ndarray) -> AttentionProblem:
@@ -178,6 +180,90 @@ def rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: Attention
     lo, hi = float(sums.min()), float(sums.max())
     return [{"finding": "rows do not sum to 1", "min": lo, "max": hi,
              "text": f"rows of attention weights do not sum to 1: they sum to {lo:.3g} .. {hi:.3g}"}]  # fmt: skip
+
+
+def _excess_each(row: np.ndarray, candidates: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """[...] max |row - candidate| / tolerance of each candidate [..., n_embd] (0/0 counts as 0)."""
+    err = np.abs(candidates - row)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(err == 0, 0.0, err / tolerance).max(axis=-1)
+    return np.where(np.isnan(ratio), np.inf, ratio)  # a candidate with no keys left is no match
+
+
+def _first_wrong(truth: Any, dtype: str, base: np.ndarray) -> tuple[int, ...] | None:
+    """(batch index..., position) of the first row of `base` beyond the bound, or None."""
+    bad = np.argwhere(rows_beyond(base, truth.out, truth.tolerance(dtype)))
+    return tuple(int(i) for i in bad[0]) if len(bad) else None
+
+
+def wrong_keys(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """The first wrong row, as attention that drops one of its keys, or reads another
+    position's key and value in one key's place (a stale or misordered cache slot or page).
+    At a failure's first failing length one key is typically what went wrong (the new row
+    is the first to reach the boundary), so single keys are what is tried: a drop at any
+    length, a substitution up to _MAX_SUBSTITUTED tokens (n_seq^2 candidates)."""
+    at = _first_wrong(truth, dtype, base)
+    if at is None or problem.segments is not None or not np.isfinite(base[at]).all():
+        return []
+    *batch, i = at
+    pb, tolerance = truth.problem, truth.tolerance(dtype)[at]
+    q, k, v = (heads_of(t, pb.n_head) for t in np.split(truth.qkv[tuple(batch)], 3, axis=-1))  # [H, n, hd]
+    z = k @ q[:, i, :, None] / np.sqrt(pb.head_dim)  # [H, n, 1] row i's score for every key
+    e = np.exp(z - z.max(axis=-2, keepdims=True))  # [H, n, 1] relative to the largest of all n
+    s, u = e[:, : i + 1].sum(axis=-2), (e * v)[:, : i + 1].sum(axis=-2)  # [H, 1], [H, hd] the true row's
+    out = lambda o: merge_heads(o) @ pb.c_proj_w + pb.c_proj_b  # [H, ..., hd] -> [..., n_embd]
+    off = excess(base[at], truth.out[at], tolerance)
+    where = f"position {i}" + (f" of sequence {batch[0] if len(batch) == 1 else batch}" if batch else "")
+    near_enough = lambda near: near <= max(1.0, off / MUCH_CLOSER)
+    closer = lambda near: "" if near <= 1 else f" ({off / near:.2g}x closer than the truth, not within the bound)"
+    if i > 0:  # key j dropped: (u - e_j v_j) / (s - e_j)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            dropped = (u[:, None] - (e * v)[:, : i + 1]) / (s[:, None] - e[:, : i + 1])  # [H, i+1, hd]
+        near = _excess_each(base[at], out(dropped), tolerance)  # [i+1]
+        j = int(np.argmin(near))
+        if near_enough(near[j]):
+            which = "itself" if j == i else f"key {j}"
+            text = f"drops a key: {where} does not attend {which}{closer(near[j])}"
+            return [{"finding": "drops a key", "position": list(at), "key": j, "text": text}]
+    if pb.n_seq > _MAX_SUBSTITUTED:
+        return []
+    # key j read from position r: (u - e_j v_j + e_r v_r) / (s - e_j + e_r), r over all n
+    ev, kept = e * v, s[:, None, None] - e[:, : i + 1, None]  # [H, n, hd], [H, i+1, 1, 1]
+    read = (u[:, None, None] - ev[:, : i + 1, None] + ev[:, None]) / (kept + e[:, None])  # [H, i+1, n, hd]
+    near = _excess_each(base[at], out(np.moveaxis(read, 0, -3)), tolerance)  # [i+1, n]
+    near[np.arange(i + 1), np.arange(i + 1)] = np.inf  # reading itself is no substitution
+    j, r = (int(a) for a in np.unravel_index(np.argmin(near), near.shape))
+    if not near_enough(near[j, r]):
+        return []
+    own = "its own" if j == i else f"key {j}'s"
+    text = f"reads the wrong key: {where} reads position {r}'s key and value in place of {own}{closer(near[j, r])}"
+    return [{"finding": "reads the wrong key", "position": list(at), "key": j, "read": r, "text": text}]
+
+
+def split_without_maxima(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
+    """Split-KV attention (flash-decoding) whose partial results are added without rescaling
+    each by exp(its max - the row's max): the output is sum_c o_c / sum_c l_c, each chunk c's
+    o_c and l_c relative to its own max. Tried with the keys in chunks of every size that
+    splitting n_seq into 2..n_seq parts gives and every power of two below n_seq."""
+    if problem.segments is not None or _first_wrong(truth, dtype, base) is None:
+        return []
+    pb, n = truth.problem, problem.n_seq
+    v = heads_of(np.split(truth.qkv, 3, axis=-1)[2], pb.n_head)  # [..., H, n, hd]
+    sizes = sorted({-(-n // parts) for parts in range(2, n + 1)} | {2**e for e in range(n.bit_length()) if 2**e < n})
+    tolerance = truth.tolerance(dtype)
+    for c in sizes:
+        pad = -n % c
+        z = np.pad(truth.z, [(0, 0)] * (truth.z.ndim - 1) + [(0, pad)], constant_values=-np.inf)  # [..., H, n, n+pad]
+        z = z.reshape(*z.shape[:-1], -1, c)  # [..., H, n, chunks, c]
+        m = z.max(axis=-1, keepdims=True)  # [..., H, n, chunks, 1]: -inf for a chunk wholly masked
+        p = np.exp(z - np.where(np.isinf(m), 0.0, m))  # [..., H, n, chunks, c]
+        vc = np.pad(v, [(0, 0)] * (v.ndim - 2) + [(0, pad), (0, 0)]).reshape(*v.shape[:-2], -1, c, v.shape[-1])
+        o = np.einsum("...nsc,...scd->...nd", p, vc) / p.sum(axis=(-1, -2))[..., None]  # [..., H, n, hd]
+        if _matches(base, merge_heads(o) @ pb.c_proj_w + pb.c_proj_b, tolerance):
+            each = " (chunks of one key: every key weighs the same)" if c == 1 else ""
+            text = f"split-KV partials combined without their maxima: keys in chunks of {c}{each}"
+            return [{"finding": "combined without maxima", "chunk": c, "text": text}]
+    return []
 
 
 def _row_over(truth: Any, at: tuple, keys: np.ndarray, equal: bool = False) -> np.ndarray:
