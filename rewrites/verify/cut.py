@@ -21,12 +21,15 @@ def to_first_failing_length(s: Search, refs: References) -> None:
     first threshold the ladder crosses, not at whichever one a bisection of the whole
     length meets. Where no rung fails, the prefix ending at that first failing row is tried
     next (a causal rewrite fails there and passes one token shorter: two runs, not a
-    bisection of a 1024-token real layer). Invariant: prefix `lo` passes (0 tokens
-    trivially), `hi` fails."""
+    bisection of a 1024-token real layer). A length found before (`s.cut_hint`: another
+    dtype's cut, or the synthetic search's first failing length) is tried first: where its
+    prefix fails and one token less passes, that is the cut. Invariant: prefix `lo` passes
+    (0 tokens trivially), `hi` fails."""
     fails = lambda n: s.failing(s.failure.prefix(n), refs) is not None
     lo, hi = 0, s.failure.n_seq
-    if s.cut_hint == hi > 1 and not fails(hi - 1):
-        lo = hi - 1  # another dtype's cut failure, reproduced: its exact length holds here too
+    hint = s.cut_hint
+    if hint is not None and 1 < hint <= hi and (hint == hi or fails(hint)) and not fails(hint - 1):
+        lo, hi = hint - 1, hint  # the exact length found before holds here too
     else:
         row = _first_failing_row(s, refs)
         top = hi if row is None else row + 1

@@ -146,7 +146,8 @@ def _overflow_starts(rw: Any, backend: str, dtype: str, problem: AttentionProble
 def unexplained(problem: AttentionProblem) -> dict:
     """A formula failure that no check explains: said so, rather than naming a wrong fault."""
     if problem.n_seq > _MAX_POSITIONS:
-        text = f"no known fault in its first wrong row's keys; the failure has {problem.n_seq} tokens, the other probes stop at {_MAX_POSITIONS}"
+        n, most = problem.n_seq, _MAX_POSITIONS
+        text = f"no known fault in its first wrong row's keys; it has {n} tokens, the other probes stop at {most}"
     else:
         text = (
             "no single known fault (a scale, a mask, a bias, heads, batch items, row sums, keys, precision) explains it"

@@ -96,10 +96,14 @@ class Verifier:
     def real_n_seq(self) -> int | None:
         return self.config.gpt2_n_seq or self.config.profile.real_n_seq
 
-    def gpt2_results(self, rw: Rewrite, backend: str) -> list[Result]:
+    def gpt2_results(self, rw: Rewrite, backend: str, found: Iterable[Result] = ()) -> list[Result]:
+        """The real-layer verdicts; `found`: the synthetic search's results, whose first
+        failing lengths each dtype's cut tries first (a real layer cut at 1024 tokens would
+        otherwise climb the length ladder, a rewrite run and a truth at every rung)."""
         # float64's formula sweep, bits compared: its dtype sweep would run the same layers
         # again (real inputs have no extreme magnitudes), so where it passed it stands in
         passed64: list[Search] = []
+        synthetic = {r.dtype: r.counterexample.first_fails_at for r in found if r.counterexample}
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             if stage is Stage.DTYPE and dtype == "float64" and first is None and passed64:
@@ -108,7 +112,7 @@ class Verifier:
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
             # as is, unless grouped KV (heads tied) or padded or packed (a fixed layout)
             problems = [(layer, inputs.with_layout(rw.takes(p), rw.layout)) for layer, p in problems]
-            hint = first.first_fails_at if first else None
+            hint = first.first_fails_at if first else synthetic.get(dtype)
             bits_too = stage is Stage.FORMULA and dtype == "float64" and first is None
             s = sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=bits_too), self.refs)
             if bits_too and s.failure is None:
@@ -163,7 +167,7 @@ class Verifier:
                 Throughput(rw.name, backend, examples, round(seconds, 3), round(examples / seconds, 1))
             )
             if gpt2_inputs:
-                rs += self.gpt2_results(rw, backend)
+                rs += self.gpt2_results(rw, backend, rs)
             results += self._with_invariance(rw, backend, rs)
             backends.get(backend).release()
         return results

@@ -49,7 +49,7 @@ class Search:
     seconds: float = 0.0
     kept: list[tuple] = field(default_factory=list)  # (problem as run, output): the first and latest failures
     cut_to: int | None = None  # the backend ran each problem's first cut_to tokens (Backend.tokens)
-    cut_hint: int | None = None  # the first failing length of the failure this search tries first (decide.py)
+    cut_hint: int | None = None  # a first failing length found before (other dtype, synthetic search): tried first
     bits_too: bool = False  # Stage.FORMULA: also compare with the oracle's bits (then it can stand in for Stage.DTYPE)
     precision: Precision | None = None  # Stage.FORMULA: lower precisions the failures stayed within
     scale: float | None = None  # Stage.FORMULA: the failure is attention at this factor times the scale
