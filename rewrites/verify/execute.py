@@ -11,6 +11,8 @@ the input, does not see it pass)."""
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,7 +27,22 @@ if TYPE_CHECKING:
 
 N_HEAD_ARG = (5,)  # n_head, the sixth argument of every rewrite, is a Python int (static under jit)
 INPUT_NAMES = ("x", *WEIGHTS)
-LAYOUT_ARG = {"padded": "attention_mask", "packed": "cu_seqlens"}  # a seventh argument, by the rewrite's layout
+
+
+@dataclass(frozen=True)
+class LayoutArg:
+    """The seventh argument a padded or packed rewrite takes: its name, how the problem gives
+    it, and whether it has one value per position (then it grows with n_seq, like x)."""
+
+    name: str
+    of: Callable[[AttentionProblem], np.ndarray]
+    per_position: bool
+
+
+LAYOUT_ARG = {
+    "padded": LayoutArg("attention_mask", AttentionProblem.attention_mask, per_position=True),  # [..., n_seq]
+    "packed": LayoutArg("cu_seqlens", AttentionProblem.cu_seqlens, per_position=False),  # [n_documents + 1]
+}
 #: Failures of one rewrite x backend x dtype re-run to tell a wrong formula from noise;
 #: once a rewrite is seen to be nondeterministic, every failure is.
 RECHECKS = 3
@@ -63,19 +80,19 @@ def rewrite_args(rw: Rewrite, problem: AttentionProblem, backend: str, dtype: st
     """What `rw` is called with: the problem's arrays as `backend` arrays of `dtype`,
     n_head, and for a padded or packed rewrite the layout in its convention (int64)."""
     args = (*oracles.as_backend(problem, backend, dtype), problem.n_head)
-    if rw.layout == "dense":
+    if rw.layout not in LAYOUT_ARG:
         return args
-    layout = problem.attention_mask() if rw.layout == "padded" else problem.cu_seqlens()
-    return (*args, backends.get(backend).asarray(layout, "int64"))
+    return (*args, backends.get(backend).asarray(LAYOUT_ARG[rw.layout].of(problem), "int64"))
 
 
 def _positions(rw: Rewrite) -> tuple[int, ...]:
-    """The arguments with one value per position besides x: a padding mask."""
-    return (6,) if rw.layout == "padded" else ()
+    """The arguments with one value per position besides x (a padding mask): the seventh or none."""
+    arg = LAYOUT_ARG.get(rw.layout)
+    return (6,) if arg is not None and arg.per_position else ()
 
 
 def _layout_name(rw: Rewrite) -> list[str]:
-    return [LAYOUT_ARG[rw.layout]] if rw.layout in LAYOUT_ARG else []
+    return [LAYOUT_ARG[rw.layout].name] if rw.layout in LAYOUT_ARG else []
 
 
 def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> AttentionProblem:
