@@ -238,14 +238,24 @@ def reference_limit(
 ) -> float:
     """How far a reordering of `plain` (the reference computed in `dtype`) may land from the
     float64 truth `exact`: FlashAttention's criterion, twice the reference's own worst error,
-    plus the typical rounding of the path, which a lucky reference can miss: sqrt(n) u max|y|
-    per layer for reductions of length n (default n_embd; the probabilistic scale of a
-    length-n reduction, Higham & Mary 2019)."""
+    plus the rounding of the path, which a lucky reference can miss: lambda sqrt(n) u max|y|
+    per layer for reductions of length n (default n_embd). Higham & Mary 2019 (Thm 2.4): a
+    length-n reduction stays within lambda sqrt(n) u of its magnitude with probability at
+    least 1 - 2n exp(-lambda^2 / 2); `_confidence_lambda` solves that for a failure
+    probability of MISS (lambda = 1, which bounds nothing, is what a CI run once exceeded)."""
     from oracles.truth import UNIT_ROUNDOFF
 
     n = exact.shape[-1] if reduction is None else reduction
-    path = n_layers * math.sqrt(n) * UNIT_ROUNDOFF[dtype] * float(np.abs(exact).max())
+    path = n_layers * _confidence_lambda(n) * math.sqrt(n) * UNIT_ROUNDOFF[dtype] * float(np.abs(exact).max())
     return 2 * float(np.abs(plain - exact).max()) + path
+
+
+MISS = 1e-6  # the probability that one reduction's rounding exceeds the path term
+
+
+def _confidence_lambda(n: int) -> float:
+    """lambda with 2 n exp(-lambda^2 / 2) = MISS: 6.5 for n = 768, 6.7 for n = 3072."""
+    return math.sqrt(2 * math.log(2 * n / MISS))
 
 
 def within_reference_error(

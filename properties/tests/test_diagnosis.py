@@ -240,21 +240,25 @@ def test_a_formula_failure_gets_its_finding_and_no_other(verdicts, name):
     assert r.verdict is Verdict.INEQUIVALENT, r
     assert [f["finding"] for f in r.diagnosis] == [ONE_FINDING[name]], r.diagnosis
     assert r.diagnosis[0]["text"] in r.counterexample.message
+    if name in SAYS_WHICH:  # checked here, on the verdict just computed (a worker of its own would redo it)
+        assert SAYS_WHICH[name](r.diagnosis[0], r.counterexample.first_fails_at), r.diagnosis
 
 
-def test_findings_say_which(verdicts):
-    """The details: which bias, which row, which heads, how far ahead, what the rows sum to."""
-    d = lambda name: verdicts(name, _UNNAMED[name] if name in _UNNAMED else _builtin(name))["float64"].diagnosis[0]
-    assert d("value_bias_dropped")["bias"] == "value" and d("output_bias_twice")["bias"] == "output"
-    assert d("last_token_wrong_row")["row"] == 0 and "query of position 0" in d("last_token_wrong_row")["text"]
-    assert d("heads_swapped")["heads"][:2] == [{"head": 0, "columns_of": [1]}, {"head": 1, "columns_of": [0]}]
-    assert d("mask_shifted_by_two")["ahead"] == 2
-    rows = d("softmax_wrong_axis")
-    assert rows["min"] < 1 < rows["max"], rows  # normalised over queries: the first row's weights are shared out
-    stale = d("last_slot_stale")
-    assert stale["key"] == stale["position"][-1] and stale["read"] == 0, stale  # the newest row reads position 0
-    n = verdicts("split_in_two_without_maxima", split_in_two_without_maxima)["float64"].counterexample.first_fails_at
-    assert d("split_in_two_without_maxima")["chunk"] == -(-n // 2)  # two chunks of the cut failure's length
+#: The details a finding gives: which bias, which row, which heads, how far ahead, what the
+#: rows sum to, which key is read from where, what chunk size (finding, first failing length).
+SAYS_WHICH = {
+    "value_bias_dropped": lambda f, n: f["bias"] == "value",
+    "output_bias_twice": lambda f, n: f["bias"] == "output",
+    "last_token_wrong_row": lambda f, n: f["row"] == 0 and "query of position 0" in f["text"],
+    "heads_swapped": lambda f, n: f["heads"][:2] == [{"head": 0, "columns_of": [1]}, {"head": 1, "columns_of": [0]}],
+    "mask_shifted_by_two": lambda f, n: f["ahead"] == 2,
+    # normalised over queries: the first row's weights are shared out
+    "softmax_wrong_axis": lambda f, n: f["min"] < 1 < f["max"],
+    # the newest row reads position 0 in place of its own key
+    "last_slot_stale": lambda f, n: f["key"] == f["position"][-1] == n - 1 and f["read"] == 0,
+    # two chunks of the cut failure's length
+    "split_in_two_without_maxima": lambda f, n: f["chunk"] == -(-n // 2),
+}
 
 
 def _keys_problem(n: int = 9, n_head: int = 2, head_dim: int = 3) -> AttentionProblem:
