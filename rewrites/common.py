@@ -23,6 +23,7 @@ __all__ = [
     "softmax",
     "split_heads",
     "split_qkv",
+    "write_at",
 ]
 
 
@@ -90,3 +91,15 @@ def project_out(xp, o, c_proj_w, c_proj_b):
 def logits(xp, q, k):
     """Scaled, causally masked scores: [..., n_head, n_seq, n_seq], -inf above the diagonal."""
     return xp.where(causal(xp, q.shape[-2], k.shape[-2]), scores(xp, q, k), -math.inf)
+
+
+def write_at(cache, at: tuple, value):
+    """cache[..., *at, :] = value[..., 0, :], a KV cache's slot written: the cache back.
+    JAX arrays are immutable: `.at[].set` (in place under jit, and `at` may be traced);
+    NumPy and PyTorch write in place, O(1) per step, where a masked copy of the whole cache
+    would be O(cache size)."""
+    where = (Ellipsis, *at, slice(None))
+    if hasattr(cache, "at"):
+        return cache.at[where].set(value[..., 0, :])
+    cache[where] = value[..., 0, :]
+    return cache

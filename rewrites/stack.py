@@ -33,7 +33,7 @@ from oracles import backends, model
 from oracles.gpt2 import GPT2Weights, attention_path
 from oracles.truth import layer_norm as ln64
 from rewrites.catalogue.serving import PAGE, SPLITS, block_table, chunk, combine
-from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv
+from rewrites.common import array_namespace, linear, merge_heads, softmax, split_heads, split_qkv, write_at
 
 Cache = Literal["contiguous", "split_kv", "paged"]
 CACHES = ("contiguous", "split_kv", "paged")
@@ -127,22 +127,12 @@ def decode_step(x_t, t, caches, layers, mlps, ln_f, n_head: int, eps: float, cac
 
 def write_slot(cache, t, value):
     """cache[..., t, :] = value[..., 0, :]."""
-    return _write(cache, (t,), value)
+    return write_at(cache, (t,), value)
 
 
 def write_page(pool, table, t, value):
     """pool[..., table[t // PAGE], t % PAGE, :] = value[..., 0, :]: position t's page and offset."""
-    return _write(pool, (table[t // PAGE], t % PAGE), value)
-
-
-def _write(cache, at: tuple, value):
-    """cache[..., *at, :] = value[..., 0, :]. JAX arrays are immutable: `.at[].set` (in place
-    under jit, and `at` may be traced); NumPy and PyTorch write in place, O(1) per step."""
-    where = (Ellipsis, *at, slice(None))
-    if hasattr(cache, "at"):
-        return cache.at[where].set(value[..., 0, :])
-    cache[where] = value[..., 0, :]
-    return cache
+    return write_at(pool, (table[t // PAGE], t % PAGE), value)
 
 
 def read_paged(xp, pool, table):

@@ -19,6 +19,7 @@ from rewrites.common import (
     softmax,
     split_heads,
     split_qkv,
+    write_at,
 )
 from rewrites.registry import rewrite
 
@@ -67,10 +68,9 @@ def ring_decode(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, capacity: int
     for t in range(x.shape[-2]):
         qkv = split_qkv(xp, linear(x[..., t : t + 1, :], c_attn_w, c_attn_b))  # [..., 1, n_embd] x3
         q, k, v = (split_heads(xp, s, n_head) for s in qkv)  # [..., H, 1, hd]
-        hit = slots == (start + t) % capacity  # [cap] the slot written now; no in-place writes (JAX)
-        k_buf = xp.where(hit[:, None], k, k_buf)  # [..., H, cap, hd]
-        v_buf = xp.where(hit[:, None], v, v_buf)
-        pos = xp.where(hit, t, pos)  # [cap]
+        slot = (start + t) % capacity  # the slot written now
+        k_buf, v_buf = write_at(k_buf, (slot,), k), write_at(v_buf, (slot,), v)  # [..., H, cap, hd]
+        pos = xp.where(slots == slot, t, pos)  # [cap]
         allowed = ((pos >= 0) & (pos <= t))[None, :]  # [1, cap] filled slots, none from the future
         out.append(project_out(xp, attend(xp, q, k_buf, v_buf, allowed), c_proj_w, c_proj_b))  # [..., 1, n_embd]
     return xp.concat(out, axis=-2)  # [..., n_seq, n_embd]
