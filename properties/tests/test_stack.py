@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oracles import gpt2
+from oracles import backends, gpt2
 from rewrites import stack
 
 
@@ -33,10 +33,21 @@ def full_context(gpt2_weights) -> tuple[np.ndarray, np.ndarray]:
     return x, stack.truth(gpt2_weights, x)
 
 
+#: The backend that decodes all 1024 positions here; the others decode the first 256 (the
+#: cost rule of the serving issue: 1024 on one backend per run, 256 on the others; each
+#: decode is O(n_seq^2) and NumPy's took 64 s of a CI run at 1024). `attention-rewrites
+#: decode` runs any backend at 1024 (the README's table).
+WHOLE_CONTEXT_ON = "torch"
+SHORTER = 256
+
+
 def test_decoding_1024_positions_through_the_real_stack(backend, gpt2_weights, full_context):
-    """All 1024 positions of the context, 12 real layers, every step against the full pass
-    (by causality its row t is the full pass over the prefix 0..t, a property the oracles pass)."""
+    """All 1024 positions of the context (256 off WHOLE_CONTEXT_ON), 12 real layers, every
+    step against the full pass (by causality its row t is the full pass over the prefix 0..t,
+    a property the oracles pass; so the float64 truth's first rows are the shorter run's)."""
     x, exact = full_context
+    whole = backend == WHOLE_CONTEXT_ON or WHOLE_CONTEXT_ON not in backends.available()
+    x, exact = (x, exact) if whole else (x[:SHORTER], exact[:SHORTER])
     full = stack.forward(gpt2_weights, x, backend, "float32")
     decoded = stack.decode(gpt2_weights, x, backend, "float32")
     ok, msg = stack.within_reference_error(decoded, full, exact, "float32", gpt2_weights.config.n_layer)
