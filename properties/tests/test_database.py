@@ -30,7 +30,7 @@ from rewrites.verify.inputs import QUICK
 db, report, name = sys.argv[1:]
 (rw,) = catalogue(names=[name])
 config = Config(examples=30, report_dir=Path(report), dtypes=("float64",), profile=QUICK,
-                explicit_examples=False, database=db)
+                explicit_examples=False, database=db, invariance=False)
 for r in Verifier(config).verify_one(rw, ["numpy"], gpt2_inputs=False):
     ce = r.counterexample
     print(json.dumps({"verdict": r.verdict, "examples": r.examples, "to_find": ce and ce.examples_to_find}))
@@ -47,7 +47,7 @@ def _run(db: Path, report: Path, name: str) -> dict:
 
 def _config(tmp_path: Path, database: str | None) -> Config:
     return Config(examples=30, report_dir=tmp_path / "report", dtypes=("float64",), profile=QUICK,
-                  explicit_examples=False, database=database)  # fmt: skip
+                  explicit_examples=False, database=database, invariance=False)  # fmt: skip
 
 
 def test_a_counterexample_saved_by_one_process_is_found_first_by_the_next(tmp_path):

@@ -91,7 +91,7 @@ def test_readme_plugin_is_discovered_and_verified(site, tmp_path):
     plugin = found[names[0]]
     assert plugin.source == "plugin my-rewrites" and plugin.load_error is None
     assert registry.catalogue(names=names)[0] is not None  # selectable like a built-in
-    results = Verifier(Config(examples=15, report_dir=tmp_path / "report")).verify(
+    results = Verifier(Config(examples=15, report_dir=tmp_path / "report", invariance=False)).verify(
         [plugin], ["numpy"], gpt2_inputs=False
     )
     assert {r.verdict for r in results} <= {"bitwise", "equivalent", "unstable"}
@@ -105,7 +105,8 @@ def test_faulty_plugins_give_error_verdicts_and_the_run_goes_on(site, tmp_path):
     assert "ImportError: no module named flash_attn_9000" in plugins["does_not_import"].load_error
     assert "int, not a rewrites.Rewrite" in plugins["not_a_rewrite"].load_error
     catalogue = [*registry.catalogue(include_plugins=False, names=["batched_heads"]), *plugins.values()]
-    results = Verifier(Config(examples=10, report_dir=tmp_path / "r")).verify(catalogue, ["numpy"], gpt2_inputs=False)
+    verifier = Verifier(Config(examples=10, report_dir=tmp_path / "r", invariance=False))
+    results = verifier.verify(catalogue, ["numpy"], gpt2_inputs=False)
     by = {(r.rewrite, r.dtype): r for r in results}
     for name in ("does_not_import", "not_a_rewrite", "wrong_shape", "makes_nan"):
         assert by[(name, "float32")].verdict == "error", name
@@ -155,7 +156,7 @@ def test_a_core_level_plugin_is_verified_and_a_wrong_one_is_caught(site, tmp_pat
     install_core_plugins(site)
     found = {r.name: r for r in registry.plugins()}
     assert found["my_core_attention"].level == "core" and found["my_core_attention"].load_error is None
-    results = Verifier(Config(examples=10, report_dir=tmp_path / "report")).verify(
+    results = Verifier(Config(examples=10, report_dir=tmp_path / "report", invariance=False)).verify(
         [found["my_core_attention"], found["my_core_no_mask"]], ["numpy"], gpt2_inputs=False
     )
     by = {(r.rewrite, r.dtype): r for r in results}
