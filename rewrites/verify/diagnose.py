@@ -78,11 +78,10 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
     the first wrong row's dropped key is tried."""
     if problem.segments is not None:  # padded or packed: which row attends what (one row each: any length)
         return probes.layout_fault(problem, truth_for(problem, backend, dtype), dtype, base)
-    if problem.n_seq > _MAX_POSITIONS and rw.output != "full":
-        return []
-    truth = truth_for(problem, backend, dtype)
     if problem.n_seq > _MAX_POSITIONS:  # too long to perturb position by position; one row's keys are cheap
-        return probes.wrong_keys(problem, truth, dtype, base)
+        full = rw.output == "full"
+        return probes.wrong_keys(problem, truth_for(problem, backend, dtype), dtype, base) if full else []
+    truth = truth_for(problem, backend, dtype)
     if rw.output != "full":
         return probes.wrong_last_row(problem, truth, dtype, base)
     found = probes.known_variant(problem, truth, dtype, base)

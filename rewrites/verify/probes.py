@@ -196,6 +196,23 @@ def _first_wrong(truth: Any, dtype: str, base: np.ndarray) -> tuple[int, ...] | 
     return tuple(int(i) for i in bad[0]) if len(bad) else None
 
 
+def _position(at: tuple[int, ...]) -> str:
+    """(batch index..., position) in words: "position 3", "position 3 of sequence 1"."""
+    *batch, i = at
+    return f"position {i}" + (f" of sequence {batch[0] if len(batch) == 1 else batch}" if batch else "")
+
+
+def _is_that_formula(near: float, off: float) -> bool:
+    """A wrong row `near` (error/bound) from a wrong formula and `off` from the truth is that
+    formula: within the bound, or (a kernel computing in a lower precision) MUCH_CLOSER to it."""
+    return near <= max(1.0, off / MUCH_CLOSER)
+
+
+def _how_close(near: float, off: float) -> str:
+    """ "" within the bound, else how much closer to the formula than to the truth."""
+    return "" if near <= 1 else f" ({off / near:.2g}x closer than the truth, not within the bound)"
+
+
 def wrong_keys(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarray) -> list[dict]:
     """The first wrong row, as attention that drops one of its keys, or reads another
     position's key and value in one key's place (a stale or misordered cache slot or page).
@@ -210,33 +227,32 @@ def wrong_keys(problem: AttentionProblem, truth: Any, dtype: str, base: np.ndarr
     q, k, v = (heads_of(t, pb.n_head) for t in np.split(truth.qkv[tuple(batch)], 3, axis=-1))  # [H, n, hd]
     z = k @ q[:, i, :, None] / np.sqrt(pb.head_dim)  # [H, n, 1] row i's score for every key
     e = np.exp(z - z.max(axis=-2, keepdims=True))  # [H, n, 1] relative to the largest of all n
-    s, u = e[:, : i + 1].sum(axis=-2), (e * v)[:, : i + 1].sum(axis=-2)  # [H, 1], [H, hd] the true row's
+    ev = e * v  # [H, n, hd]
+    s, u = e[:, : i + 1].sum(axis=-2), ev[:, : i + 1].sum(axis=-2)  # [H, 1], [H, hd] the true row's
     out = lambda o: merge_heads(o) @ pb.c_proj_w + pb.c_proj_b  # [H, ..., hd] -> [..., n_embd]
     off = excess(base[at], truth.out[at], tolerance)
-    where = f"position {i}" + (f" of sequence {batch[0] if len(batch) == 1 else batch}" if batch else "")
-    near_enough = lambda near: near <= max(1.0, off / MUCH_CLOSER)
-    closer = lambda near: "" if near <= 1 else f" ({off / near:.2g}x closer than the truth, not within the bound)"
     if i > 0:  # key j dropped: (u - e_j v_j) / (s - e_j)
         with np.errstate(divide="ignore", invalid="ignore"):
-            dropped = (u[:, None] - (e * v)[:, : i + 1]) / (s[:, None] - e[:, : i + 1])  # [H, i+1, hd]
+            dropped = (u[:, None] - ev[:, : i + 1]) / (s[:, None] - e[:, : i + 1])  # [H, i+1, hd]
         near = _excess_each(base[at], out(dropped), tolerance)  # [i+1]
         j = int(np.argmin(near))
-        if near_enough(near[j]):
+        if _is_that_formula(near[j], off):
             which = "itself" if j == i else f"key {j}"
-            text = f"drops a key: {where} does not attend {which}{closer(near[j])}"
+            text = f"drops a key: {_position(at)} does not attend {which}{_how_close(near[j], off)}"
             return [{"finding": "drops a key", "position": list(at), "key": j, "text": text}]
     if pb.n_seq > _MAX_SUBSTITUTED:
         return []
     # key j read from position r: (u - e_j v_j + e_r v_r) / (s - e_j + e_r), r over all n
-    ev, kept = e * v, s[:, None, None] - e[:, : i + 1, None]  # [H, n, hd], [H, i+1, 1, 1]
+    kept = s[:, None, None] - e[:, : i + 1, None]  # [H, i+1, 1, 1]
     read = (u[:, None, None] - ev[:, : i + 1, None] + ev[:, None]) / (kept + e[:, None])  # [H, i+1, n, hd]
     near = _excess_each(base[at], out(np.moveaxis(read, 0, -3)), tolerance)  # [i+1, n]
     near[np.arange(i + 1), np.arange(i + 1)] = np.inf  # reading itself is no substitution
     j, r = (int(a) for a in np.unravel_index(np.argmin(near), near.shape))
-    if not near_enough(near[j, r]):
+    if not _is_that_formula(near[j, r], off):
         return []
     own = "its own" if j == i else f"key {j}'s"
-    text = f"reads the wrong key: {where} reads position {r}'s key and value in place of {own}{closer(near[j, r])}"
+    how = _how_close(near[j, r], off)
+    text = f"reads the wrong key: {_position(at)} reads position {r}'s key and value in place of {own}{how}"
     return [{"finding": "reads the wrong key", "position": list(at), "key": j, "read": r, "text": text}]
 
 
@@ -298,7 +314,7 @@ def layout_fault(problem: AttentionProblem, truth: Any, dtype: str, base: np.nda
     at = tuple(int(i) for i in np.argwhere(padding if padding.any() else bad)[0])  # (batch..., position)
     *batch, i = at
     row_seg, n, own = seg[tuple(batch)], problem.n_seq, seg[at]
-    where = f"position {i}" + (f" of sequence {batch[0] if len(batch) == 1 else batch}" if batch else "")
+    where = _position(at)
     if np.isnan(base[at]).any():
         what = "is padding" if own < 0 else f"is in document {own}"
         return [{"finding": "NaN rows", "position": list(at),
@@ -315,13 +331,12 @@ def layout_fault(problem: AttentionProblem, truth: Any, dtype: str, base: np.nda
         tries.insert(0, (one_more, f"one key before its sequence, position {start - 1}", False))
     off = excess(base[at], truth.out[at], tolerance[at])
     for keys, how, equal in tries:
-        # within the bound, or (a kernel computing in a lower precision) a thousand times closer than the truth
         near = excess(base[at], _row_over(truth, at, keys, equal), tolerance[at])
-        if near <= max(1.0, off / MUCH_CLOSER):
+        if _is_that_formula(near, off):
             others = row_seg[keys & (row_seg != own) if own >= 0 else keys]
             who = "is padding and" if own < 0 else f"(document {own})"
             text = f"{where} {who} attends {_whose(others) or 'nothing else'}: {how}"
-            text += "" if near <= 1 else f" ({off / near:.2g}x closer than the truth, not within the bound)"
+            text += _how_close(near, off)
             return [{"finding": "attends across the layout", "position": list(at), "keys": how, "text": text}]
     what = "a padding position" if own < 0 else f"in document {own}"
     return [{"finding": "layout", "position": list(at),
