@@ -146,6 +146,16 @@ def batch_mean_mixer(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return out + 0.1 * (xp.mean(x, axis=0, keepdims=True) - x)
 
 
+def precision_by_shape(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """float32 arithmetic for one sequence, float16 for a batch: a library choosing its kernel,
+    and with it its rounding, by shape (XLA's TF32 on a GPU, measured). Imprecise, and no
+    batch item sees another: batched and alone differ by more than the bound all the same."""
+    xp = array_namespace(x)
+    low = lambda a: xp.astype(a, xp.float16 if x.ndim > 2 else xp.float32)
+    out = _attention(low(x), low(c_attn_w), low(c_attn_b), low(c_proj_w), low(c_proj_b), n_head)
+    return xp.astype(out, x.dtype)
+
+
 def _finding(r, name: str) -> dict | None:
     return next((f for f in r.diagnosis if f["finding"] == name), None)
 
@@ -170,6 +180,23 @@ def test_mixing_batch_items_is_found_and_nothing_else(verdicts):
 
 def test_precision_alone_gets_no_finding(verdicts):
     assert all(not r.diagnosis for r in verdicts("softmax_in_float32", softmax_in_float32).values())
+
+
+def test_batch_mixing_is_told_from_a_rounding_chosen_by_shape():
+    """Both sides of the batch probe on one sequence: an item's output moved by another item
+    is mixing; an item whose rounding changes when it is batched (but not with what it is
+    batched with) is not, and its verdict stays `imprecise`."""
+    p = _keys_problem()
+    p = AttentionProblem(p.x[0], *p.arrays()[1:], p.n_head)  # one sequence: batched is another shape
+    fired = lambda fn: [f["finding"] for f in probes.batch_mixing(_test_rewrite("t", fn), "numpy", "float64", p)]
+    assert fired(batch_mean_mixer) == ["mixes batch items"]
+    assert fired(precision_by_shape) == []
+    assert fired(scaled(1.0)) == []  # the right formula
+
+
+def test_a_rounding_chosen_by_shape_is_imprecise_with_no_finding(verdicts):
+    r = verdicts("precision_by_shape", precision_by_shape)["float64"]
+    assert r.verdict is Verdict.IMPRECISE and not r.diagnosis, r
 
 
 def heads_swapped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):

@@ -87,7 +87,7 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
     found = probes.known_variant(problem, truth, dtype, base)
     try:
         found += probes.future_leak(rw, backend, dtype, problem)
-        found += probes.batch_mixing(rw, backend, dtype, problem, base)
+        found += probes.batch_mixing(rw, backend, dtype, problem)
         found += probes.heads_mixed(rw, backend, dtype, problem)
         if not found:
             found += probes.rows_do_not_sum_to_one(rw, backend, dtype, problem)
