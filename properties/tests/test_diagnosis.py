@@ -378,3 +378,46 @@ def test_the_page_shows_the_verdicts_first_then_each_diagnosis_with_its_picture(
     assert "x = [" in page  # a small counterexample's values in full
     markdown = (tmp_path / "verdicts.md").read_text()  # and one line per rewrite in verdicts.md and the terminal
     assert all(f"{r.rewrite}: {r.diagnosis[0]['text']}" in markdown for r in (leak, unknown))
+
+
+def rounding_by_length(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """float32 arithmetic from 17 tokens on, exact below: the whole output's rounding chosen
+    by length (a kernel chosen by shape; JAX's TF32 on a GPU went wrong at 37 tokens so).
+    float32, not float16: shrinking drives the biases below float16's smallest subnormal,
+    where float16 arithmetic does drop them (and is told so)."""
+    xp = array_namespace(x)
+    if x.shape[-2] < 17:
+        return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    h = lambda a: xp.astype(a, xp.float32)
+    return xp.astype(_attention(h(x), h(c_attn_w), h(c_attn_b), h(c_proj_w), h(c_proj_b), n_head), x.dtype)
+
+
+def shifted_from_17(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """A formula switched by length: from 17 tokens on every output is 0.1 off."""
+    out = _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    return out + 0.1 if x.shape[-2] >= 17 else out
+
+
+@pytest.fixture(scope="module")
+def across_17(tmp_path_factory):
+    """name -> its float64 Result, searched across n_seq 17 (NumPy, synthetic inputs)."""
+    from properties.strategies import long_attention_problems
+
+    band = (long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17, 31, 32, 33), between=False),)
+    profile = inputs.Profile("across 17", band, band, None)
+    config = Config(examples=10, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
+                    explicit_examples=False, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+    return lambda name, fn: verifier.verify_one(_test_rewrite(name, fn), ["numpy"], gpt2_inputs=False)[0]
+
+
+def test_a_length_where_every_row_fails_is_left_to_the_precision_evidence(across_17):
+    """Both sides: a threshold where row 0 fails too is no formula finding by itself. A
+    rounding that changes with the length is `imprecise` at it; a formula that changes with
+    the length (every row shifted) is `inequivalent`, with the threshold said."""
+    r = across_17("rounding_by_length", rounding_by_length)
+    assert r.verdict is Verdict.IMPRECISE and r.precision == "float32" and not r.diagnosis, r
+    r = across_17("shifted_from_17", shifted_from_17)
+    assert r.verdict is Verdict.INEQUIVALENT, r
+    (t,) = [f for f in r.diagnosis if f["finding"] == "length threshold"]
+    assert t["first_fails_at"] == 17 and not t["earlier_rows_pass"] and "every row from 0" in t["text"], t

@@ -36,8 +36,10 @@ def explain(s: Search) -> None:
         s.message += "".join(f"; {f['text']}" for f in s.findings)
         return
     s.findings = findings(s.rewrite, s.backend, s.dtype, run, out)
-    if run.segments is None:  # a padded problem's failure starts where its first real row or document is
-        s.findings += length_threshold(s.first_fails_at, run, out, s.backend, s.dtype, output_rows(s.rewrite))
+    rows = output_rows(s.rewrite)  # a padded problem's failure starts at its first real row: no threshold
+    threshold = length_threshold(s.first_fails_at, run, out, s.backend, s.dtype, rows) if run.segments is None else []
+    if threshold and threshold[0]["earlier_rows_pass"]:  # a formula's threshold: a window, a tile, a cache
+        s.findings, threshold = s.findings + threshold, []
     if not s.findings and s.precision is not None:
         for p, o in s.kept:  # evidence for `imprecise`: the failures kept (precision.Precision)
             s.precision.add(o, p, s.backend, output_rows(s.rewrite))
@@ -57,6 +59,8 @@ def explain(s: Search) -> None:
             c = describe_factor(s.scale)
             text = f"it is attention with the logits scaled by {c} (n_head={on.n_head}, head_dim={on.head_dim})"
             s.findings.append({"finding": "scale", "factor": s.scale, "text": text})
+    if threshold and not s.effective_precision:  # the whole output goes wrong at a length: a formula's too
+        s.findings += threshold
     if not s.findings and s.effective_precision:
         s.message += f"; within the {s.effective_precision} bound on every failing example"
     elif not s.findings:
@@ -164,7 +168,13 @@ def length_threshold(
     first_fails_at: int | None, problem: AttentionProblem, out: np.ndarray, backend: str, dtype: str, rows: tuple
 ) -> list[dict]:
     """The finding of a failure that starts at an exact length beyond LENGTH_THRESHOLD, with
-    its error/bound by position (`out` is the rewrite's output on `problem`, cut there)."""
+    its error/bound by position (`out` is the rewrite's output on `problem`, cut there) and
+    whether the rows before the last pass. They do where a formula changes at that length
+    (a window, a tile, a cache: the last row is the first to see the change). Where they
+    fail too, the whole output changed with the length: a formula switched by length, or a
+    rounding that a kernel chosen by shape changes (measured: JAX's TF32 on a GPU, whose
+    row 0 of a 37-token problem was 37x the float32 bound where 36 tokens passed), which
+    `explain` leaves to the precision evidence to tell apart."""
     if first_fails_at is None or first_fails_at <= LENGTH_THRESHOLD:
         return []
     truth = truth_for(problem, backend, dtype)
@@ -178,5 +188,7 @@ def length_threshold(
     by_row = ratio.max(axis=-1).reshape(-1, ratio.shape[-2]).max(axis=0)  # [n_seq | 1]
     n = first_fails_at
     text = f"a length threshold: fails at n_seq {n}, its first {n - 1} tokens pass"
+    earlier = bool((by_row[:-1] <= 1).all())
+    text += "" if earlier else " (every row from 0 fails at that length)"
     return [{"finding": "length threshold", "first_fails_at": n, "error_by_row": [float(f"{r:.3g}") for r in by_row],
-             "text": text}]  # fmt: skip
+             "earlier_rows_pass": earlier, "text": text}]  # fmt: skip
