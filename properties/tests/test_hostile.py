@@ -87,7 +87,10 @@ def exits_3(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 @hostile
 def os_exit_1(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """os._exit(1): no clean-up, no exception."""
+    """Says why on stderr, as a library's abort does (then a stack frame), and os._exit(1):
+    no clean-up, no exception."""
+    print("HOSTILE LAST WORDS: Check failed: x != y", file=sys.stderr)
+    print("*** Check failure stack trace: ***\\n    @ 0x0 f()", file=sys.stderr)
     os._exit(1)
 
 
@@ -161,7 +164,7 @@ EXPECTED = {
     "in_place_mul": "modified its input c_proj_b",
     "hangs": "timeout after",
     "exits_3": "called sys.exit(3)",
-    "os_exit_1": "exit status 1",
+    "os_exit_1": "exit status 1; its last words: HOSTILE LAST WORDS: Check failed: x != y",
     "segfaults": "killed by SIGSEGV",
     "numpy_for_torch": {"numpy": None, "torch": "returned a numpy.ndarray for torch inputs"},
     "noisy": "nondeterministic: two calls on the same input differ by 0.001",
@@ -290,6 +293,7 @@ def test_hostile_plugins_cannot_break_the_run(hostile_site, tiny_weights, baseli
             message = r.counterexample.message
             assert expected in message and "\n" not in message, (r.rewrite, r.backend, message)
     assert "HOSTILE STDOUT" not in out  # the tables' stream is the tables'
+    assert "HOSTILE STDOUT" in err and "HOSTILE LAST WORDS" in err  # a worker's output is copied, not lost
     assert "Traceback" not in err
     assert not (tmp_path.parent / "escaped").exists() and not list(tmp_path.parent.parent.glob("escaped*"))
     print(f"--jobs {jobs}: {seconds:.0f} s")

@@ -1,15 +1,22 @@
 """The pool of worker processes (spawned: JAX and PyTorch threads do not survive fork),
 one task at a time each. A worker that dies is replaced and its task gets `error` verdicts
-saying how it ended ("exit status 1", "killed by SIGSEGV"); one that runs past the time
-limit is killed ("timeout after 600 s"). The worker's side is serve.py."""
+saying how it ended ("exit status 1", "killed by SIGSEGV") and its last words: the last
+line it wrote that is not a stack frame (a library's abort message, e.g. XLA's "Check
+failed: ..."). A worker writes to a file of its own, which the parent copies to its
+stderr as it grows, so nothing is lost and a dead worker's last lines can still be read.
+One that runs past the time limit is killed ("timeout after 600 s"). The worker's side
+is serve.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
 import multiprocessing
+import os
 import pickle
 import signal
+import sys
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -29,6 +36,8 @@ if TYPE_CHECKING:
 STARTUP_LIMIT = 300.0
 #: New workers that die before they are ready, in a row, before the pool gives up.
 STARTUP_FAILURES = 3
+#: Seconds between copies of the workers' output to the parent's stderr.
+ECHO_EVERY = 1.0
 
 
 class PoolFailed(RuntimeError):
@@ -83,19 +92,51 @@ def ended(exitcode: int | None) -> str:
 
 
 class Worker:
-    """One worker process, the task it runs and when that task must end."""
+    """One worker process, the task it runs and when that task must end, and the file its
+    stdout and stderr go to (copied to the parent's stderr as it grows)."""
 
-    def __init__(self, ctx: Any, args: tuple) -> None:
+    def __init__(self, ctx: Any, args: tuple, folder: str) -> None:
+        fd, self.log = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=folder)
+        os.close(fd)
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=serve, args=(child, *args), daemon=True, name="attention-rewrites worker")
+        self.process = ctx.Process(target=serve, args=(child, self.log, *args), daemon=True,
+                                   name="attention-rewrites worker")  # fmt: skip
         self.process.start()
         child.close()
         self.ready, self.task = False, None
         self.deadline = time.monotonic() + STARTUP_LIMIT
+        self.echoed = self.task_start = 0  # bytes of the log copied out; where the current task's begin
 
     def start(self, task: Task, timeout: float) -> None:
-        self.task, self.deadline = task, time.monotonic() + timeout
+        self.echo()
+        self.task, self.deadline, self.task_start = task, time.monotonic() + timeout, self.echoed
         self.conn.send((task.rewrite.identity, task.backend))
+
+    def echo(self) -> None:
+        """Copy what the worker wrote since the last call to this process's stderr."""
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.echoed)
+                new = f.read()
+        except OSError:
+            return
+        if new:
+            self.echoed += len(new)
+            sys.stderr.write(new.decode(errors="replace"))
+            sys.stderr.flush()
+
+    def last_words(self) -> str | None:
+        """The last line the current task wrote that is not part of a stack trace."""
+        self.echo()
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self.task_start)
+                lines = f.read().decode(errors="replace").splitlines()
+        except OSError:
+            return None
+        frame = lambda line: line[:1].isspace() or line.startswith("***")  # "    @ 0x...", "*** Check failure ..."
+        said = [line.strip() for line in lines if line.strip() and not frame(line)]
+        return said[-1][:300] if said else None
 
     def receive(self) -> Any:
         """What the worker sent, or None if it died first (even mid-message)."""
@@ -110,7 +151,7 @@ class Worker:
         self.process.join(5)
 
     def close(self) -> None:
-        """Stop an idle worker politely, a busy one at once."""
+        """Stop an idle worker politely, a busy one at once; what it wrote is copied out."""
         try:
             if self.process.is_alive() and self.ready and self.task is None:
                 self.conn.send(None)
@@ -119,6 +160,11 @@ class Worker:
             pass
         self.kill()
         self.conn.close()
+        self.echo()
+        try:
+            os.unlink(self.log)
+        except OSError:
+            pass
 
 
 class Pool:
@@ -128,31 +174,33 @@ class Pool:
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: list[Worker] = []
         self.failed_starts = 0
+        self.logs = tempfile.TemporaryDirectory(prefix="attention-rewrites-workers-")
 
     def run(self, pending: deque[Task], jobs: int) -> Iterator[Done]:
         """Each pending task's Done as it finishes, on `jobs` workers; workers still alive
         from an earlier run (idle, caches warm) are used again."""
         while len(self.workers) < jobs:
-            self.workers.append(Worker(self.ctx, self.args))
+            self.workers.append(Worker(self.ctx, self.args, self.logs.name))
         while pending or any(w.task for w in self.workers):
             for w in self.workers:
                 if w.ready and w.task is None and pending:
                     w.start(pending.popleft(), self.timeout)
             self._wait()
             for w in list(self.workers):
+                w.echo()
                 done, replace = self._check(w)
                 if replace:
                     w.close()
                     self.workers.remove(w)
                     if pending:
-                        self.workers.append(Worker(self.ctx, self.args))
+                        self.workers.append(Worker(self.ctx, self.args, self.logs.name))
                 if done is not None:
                     yield done
 
     def _wait(self) -> None:
         """Until a worker says something or ends, or the nearest deadline."""
         soonest = min(w.deadline for w in self.workers) - time.monotonic()
-        limit = None if soonest == float("inf") else max(0.0, soonest)
+        limit = min(ECHO_EVERY, max(0.0, soonest))  # wake to copy the workers' output out
         wait([w.conn for w in self.workers] + [w.process.sentinel for w in self.workers], limit)
 
     def _check(self, w: Worker) -> tuple[Done | None, bool]:
@@ -167,6 +215,8 @@ class Pool:
         if w.process.is_alive() and time.monotonic() < w.deadline:
             return None, False
         why = ended(w.process.exitcode) if not w.process.is_alive() else None
+        if why is not None and w.task is not None and (words := w.last_words()):
+            why += f"; its last words: {words}"
         if w.task is not None:
             return self._failed(w.task, why or f"timeout after {self.timeout:g} s"), True
         if not w.ready:  # died or stuck while starting: not a rewrite's doing
@@ -194,6 +244,7 @@ class Pool:
         for w in self.workers:
             w.close()
         self.workers = []
+        self.logs.cleanup()
 
 
 def portable(config: Config) -> tuple[Config, dict[str, tuple[str, str]]]:

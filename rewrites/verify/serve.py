@@ -2,8 +2,9 @@
 `Verifier.verify_one(rw, [backend])` for the rewrite found by its identity (rewrites travel
 by identity; a worker finds the catalogue and plugins itself), and send back what came of
 it. A worker keeps its Verifier between tasks, so caches and the real layers are built
-once per worker. It ignores Ctrl-C (the parent handles it), sends what rewrites print to
-stderr (stdout is the tables'), and exits when the parent dies."""
+once per worker. It ignores Ctrl-C (the parent handles it), writes what rewrites print to
+its log file, which the parent copies to its stderr (stdout is the tables'), and exits
+when the parent dies."""
 
 from __future__ import annotations
 
@@ -38,13 +39,19 @@ def restored(config: Config, refs: dict[str, tuple[str, str]]) -> Config:
     return dataclasses.replace(config, **{k: getattr(importlib.import_module(m), n) for k, (m, n) in refs.items()})
 
 
-def serve(conn: Connection, config: Config, refs: dict, gpt2_inputs: bool, include_plugins: bool) -> None:
-    """A worker's life: get ready, then run tasks until told to stop or the parent goes."""
+def serve(conn: Connection, log: str, config: Config, refs: dict, gpt2_inputs: bool, include_plugins: bool) -> None:
+    """A worker's life: get ready, then run tasks until told to stop or the parent goes.
+    Its stdout and stderr, Python's and C's alike, go to `log` (the parent copies it out)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    try:
-        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a rewrite's prints stay out of the tables
-    except (AttributeError, OSError, ValueError):  # no real stdio (embedded): nothing to protect
-        pass
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND)
+    for stream in (sys.stdout, sys.stderr):  # a rewrite's prints stay out of the tables
+        try:
+            stream.flush()
+            os.dup2(fd, stream.fileno())
+        except (AttributeError, OSError, ValueError):  # no real stdio (embedded): replaced below
+            pass
+    os.close(fd)
+    sys.stdout = sys.stderr = open(log, "a", buffering=1, errors="replace")  # line by line: a crash loses none
     threading.Thread(target=_exit_with_parent, daemon=True).start()
     from rewrites.registry import catalogue
     from rewrites.verify.engine import Verifier
