@@ -28,7 +28,8 @@ NAMES = ("numpy", "jax", "torch")
 DEVICES = ("cpu", "cuda")
 _DEVICE = ["cpu"]  # the device this process computes on (use_device)
 _ON_SWITCH: dict[str, Callable[[str], None]] = {}  # backend -> makes `device` its default for new arrays
-_GROWS: dict[tuple, tuple[Growth, int | None]] = {}  # (fn, shapes but n_seq, dtype) -> growth, tokens run on
+#: (fn, shapes but n_seq, dtype) -> its growth, the tokens it runs on, the longest n_seq compiled whole
+_GROWS: dict[tuple, tuple[Growth, int | None, int | None]] = {}
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -82,9 +83,12 @@ class Backend:
         self, fn: Callable, args: tuple, static: tuple[int, ...] = (), positions: tuple[int, ...] = ()
     ) -> Callable:
         """How to call `fn` on `args` (x first, [..., n_seq, n_embd]): compiled, except a
-        function whose traced program grows per token (a Python loop over positions), which
-        compiling would unroll (32 tokens already took 30 s to compile, 1024 minutes): it
-        runs eagerly. A loop per tile is compiled: it unrolls only n_seq / tile times, and
+        function whose traced program grows per token (a Python loop over positions) beyond
+        TRACE_BUDGET equations at this n_seq, which compiling would unroll (32 tokens already
+        took 30 s to compile, 1024 minutes): it runs eagerly. Within the budget (a short
+        problem) it is compiled: eagerly each primitive compiles per shape, and the quick
+        profile's 5-token problems cost an eager `online_softmax` 618 compilations and 50 s
+        on JAX, compiled 171 and 25 s. A loop per tile is compiled: it unrolls only n_seq / tile times, and
         eagerly every tile's new shape would compile each primitive anew (7,504 primitive
         compilations for one search of 64-token tiles). The decision is the backend's, for
         built-ins and plugins alike, and never pads: fn sees the n_seq it is judged at
@@ -92,7 +96,9 @@ class Backend:
         value per position, [..., n_seq] (a padding mask), traced at each length too."""
         if self.traces is None:
             return fn
-        return fn if self._growth(fn, args, static, positions)[0] is Growth.PER_TOKEN else self.compile(fn, static)
+        growth, _, whole = self._growth(fn, args, static, positions)
+        eager = growth is Growth.PER_TOKEN and (whole is None or args[0].shape[-2] > whole)
+        return fn if eager else self.compile(fn, static)
 
     @property
     def compiles(self) -> bool:
@@ -107,8 +113,11 @@ class Backend:
         within TRACE_BUDGET equations, anything else (and anything where nothing compiles) all."""
         return self._growth(fn, args, static, positions)[1] if self.compiles else None
 
-    def _growth(self, fn: Callable, args: tuple, static: tuple, positions: tuple) -> tuple[Growth, int | None]:
-        """How fn's traced program grows with n_seq, and the tokens it runs on: from cheap
+    def _growth(
+        self, fn: Callable, args: tuple, static: tuple, positions: tuple
+    ) -> tuple[Growth, int | None, int | None]:
+        """How fn's traced program grows with n_seq, the tokens it runs on, and (a loop per
+        token) the longest n_seq whose program stays within TRACE_BUDGET: from cheap
         traces (no compilation) at 8 and 16 tokens, and at 256 where those two are the same
         size, once per function and shape, instead of one at the real length (7 s for a
         loop per token at 1024). A loop per tile grows linearly: its size at n is
@@ -122,14 +131,14 @@ class Backend:
                 else self.abstract((*a.shape[:-1], n), a.dtype) if i in positions else a
             )  # fmt: skip
             size = lambda n: self.traces(fn, *(at(n, i, a) for i, a in enumerate(args)), static=static)
-            short = size(PROBE_TOKENS)
-            if size(PROBE_TOKENS // 2) < short:
-                _GROWS[key] = (Growth.PER_TOKEN, self.loop_tokens)
+            short, half = size(PROBE_TOKENS), size(PROBE_TOKENS // 2)
+            within = lambda per_token: PROBE_TOKENS + int((TRACE_BUDGET - short) / per_token)  # n at the budget
+            if half < short:
+                _GROWS[key] = (Growth.PER_TOKEN, self.loop_tokens, within((short - half) / (PROBE_TOKENS // 2)))
             elif (per_token := (size(TILE_TRACE) - short) / (TILE_TRACE - PROBE_TOKENS)) > 0:
-                budget = PROBE_TOKENS + int((TRACE_BUDGET - short) / per_token)
-                _GROWS[key] = (Growth.PER_TILE, max(budget, PROBE_TOKENS))
+                _GROWS[key] = (Growth.PER_TILE, max(within(per_token), PROBE_TOKENS), None)
             else:
-                _GROWS[key] = (Growth.NONE, None)
+                _GROWS[key] = (Growth.NONE, None, None)
         return _GROWS[key]
 
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:

@@ -133,17 +133,23 @@ def plain(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return x @ c_proj_w
 
 
-def test_backend_runs_unrolling_loops_eagerly_at_long_lengths(backend):
-    """Compiling a loop per token unrolls it (minutes at 1024 tokens): such a function runs
-    eagerly at every length, while a fixed-size program is still compiled."""
+def test_backend_compiles_a_loop_per_token_only_within_the_trace_budget(backend, monkeypatch):
+    """Compiling a loop per token unrolls it (minutes at 1024 tokens): where its traced
+    program would pass TRACE_BUDGET equations it runs eagerly; on a problem short enough to
+    stay within, it is compiled (eagerly each primitive compiles per shape: twice the time
+    on the quick profile's short problems). A fixed-size program is always compiled."""
     be = backends.get(backend)
     args = lambda n: (be.asarray(np.ones((n, 4)), "float32"), None, None, be.asarray(np.eye(4), "float32"), None, 1)
     if be.traces is None:  # eager backends: nothing to decide
         assert be.runner(per_token, args(1024), (5,)) is per_token
         return
+    monkeypatch.setattr(backends, "TRACE_BUDGET", be.traces(per_token, *args(40), static=(5,)))
+    monkeypatch.setattr(backends, "_GROWS", {})
     assert be.runner(per_token, args(1024), (5,)) is per_token
+    assert be.runner(per_token, args(42), (5,)) is per_token
+    assert be.runner(per_token, args(38), (5,)) is not per_token
+    assert be.runner(per_token, args(8), (5,)) is not per_token
     assert be.runner(plain, args(1024), (5,)) is not plain
-    assert be.runner(per_token, args(8), (5,)) is per_token
     assert be.runner(plain, args(8), (5,)) is not plain
 
 
