@@ -78,6 +78,10 @@ class Backend:
     #: 0.5 s a token (a 256-token decode took 88 s, 1025 tokens over 600 s). So such a loop
     #: runs on each problem's first `loop_tokens` tokens, and its verdicts say so.
     loop_tokens: int | None = None
+    #: Make an array handed to untrusted code unwritable: True where it then cannot change
+    #: (JAX's arrays never do; NumPy's made read-only), False where it can (PyTorch), so a
+    #: call must be checked by comparing copies (execute.py)
+    protect: Callable[[Any], bool] = lambda a: False
 
     def runner(
         self, fn: Callable, args: tuple, static: tuple[int, ...] = (), positions: tuple[int, ...] = ()
@@ -159,7 +163,13 @@ def _numpy(device: str) -> Backend:
         asarray=lambda a, dtype: np.array(a, dtype=dtype),  # a copy: callers may write into it
         to_numpy=lambda a: np.asarray(a, dtype=np.float64),
         namespace=xp,
+        protect=_read_only,
     )
+
+
+def _read_only(a: np.ndarray) -> bool:
+    a.flags.writeable = False
+    return True
 
 
 def _jax(device: str) -> Backend:
@@ -220,6 +230,7 @@ def _jax(device: str) -> Backend:
         traces=traces,
         abstract=jax.ShapeDtypeStruct,
         loop_tokens=16,
+        protect=lambda a: True,  # immutable
     )
 
 
