@@ -42,18 +42,18 @@ def explain(s: Search) -> None:
         s.findings, threshold = s.findings + threshold, []
     if not s.findings and s.precision is not None:
         for p, o in s.kept:  # evidence for `imprecise`: the failures kept (precision.Precision)
-            s.precision.add(o, p, s.backend, output_rows(s.rewrite))
+            s.precision.add(o, p, s.backend, rows)
         if s.precision.effective:  # and a problem where a formula error cannot pass for rounding
             dense = reach(s.rewrite, s.backend, s.dtype, s.rewrite.takes(evidence_problem()))
             try:
                 dense_out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
             except RewriteFailed:
                 dense_out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
-            s.precision.confirm(dense_out, dense, s.backend, output_rows(s.rewrite))
+            s.precision.confirm(dense_out, dense, s.backend, rows)
     # A real layer's failure is fitted only when it might otherwise be called imprecise:
     # the synthetic search's small shrunk failures name the factor (and cost milliseconds).
     if s.layer is None or (s.precision is not None and s.precision.effective):
-        fit = scale_factor(s.kept, s.backend, s.dtype, output_rows(s.rewrite))
+        fit = scale_factor(s.kept, s.backend, s.dtype, rows)
         if fit is not None:
             s.scale, on = fit
             c = describe_factor(s.scale)

@@ -66,9 +66,8 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
         raise RewriteFailed(known)
     freeze(problem)
     args = rewrite_args(rw, problem, backend, dtype)  # fresh arrays for every call
-    arrays = [a for i, a in enumerate(args) if i not in N_HEAD_ARG]
     names = [*INPUT_NAMES, *_layout_name(rw)]
-    if all([be.protect(a) for a in arrays]):  # nothing can write into them: no copies to compare
+    if all([be.protect(a) for a in _arrays(args)]):  # nothing can write into them: no copies to compare
         out = _protected(rw, be, impl, names, problem, dtype, args)
     else:
         out = _compared(rw, be, impl, names, problem, dtype, args)
@@ -91,8 +90,7 @@ def _protected(rw: Rewrite, be: backends.Backend, impl: Any, names: list[str], p
         if "read-only" not in str(e):  # NumPy: "assignment destination is read-only", "output array is ..."
             raise
         return _compared(rw, be, impl, names, problem, dtype)
-    arrays = [a for i, a in enumerate(args) if i not in N_HEAD_ARG]
-    for name, a in zip(names, arrays, strict=True):
+    for name, a in zip(names, _arrays(args), strict=True):
         if getattr(getattr(a, "flags", None), "writeable", False):
             raise RewriteFailed(f"modified its input {name} (made it writeable)")
     return out
@@ -102,11 +100,16 @@ def _compared(rw: Rewrite, be: backends.Backend, impl: Any, names: list[str], pr
               dtype: str, args: tuple | None = None) -> Any:  # fmt: skip
     """The call on writable inputs (`args`, else fresh ones), with copies compared after it."""
     args = args if args is not None else rewrite_args(rw, problem, be.name, dtype)
-    arrays = [a for i, a in enumerate(args) if i not in N_HEAD_ARG]
+    arrays = _arrays(args)
     before = [np.array(be.to_numpy(a), copy=True) for a in arrays]
     out = _call(be, impl, args, _positions(rw))
     _check_inputs(be, names, arrays, before)
     return out
+
+
+def _arrays(args: tuple) -> list:
+    """A call's array arguments (all but n_head)."""
+    return [a for i, a in enumerate(args) if i not in N_HEAD_ARG]
 
 
 def rewrite_args(rw: Rewrite, problem: AttentionProblem, backend: str, dtype: str) -> tuple:
