@@ -153,12 +153,10 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 def _verdicts(config: pytest.Config) -> Callable:
     """verdicts(rewrite, backend) -> its Results, one verify_one per pair, cached."""
-    import tempfile
-
     from rewrites.verify import Config, Verifier
 
     weights = config.getoption("gpt2_weights")
-    report = config.getoption("rewrites_report") or tempfile.mkdtemp(prefix="attention-rewrites-")
+    report = config.getoption("rewrites_report") or _report_folder(config)
     examples = config.getoption("examples") or 30
     database = config.getoption("rewrites_database")
     database = None if database.lower() == "none" else database
@@ -181,3 +179,15 @@ def _verdicts(config: pytest.Config) -> Callable:
         return cache[(rw.identity, backend)]
 
     return get
+
+
+def _report_folder(config: pytest.Config) -> Path:
+    """Where counterexamples go without --rewrites-report: beside pytest's own tmp_path
+    folders, kept for the failure messages to name and removed with them (pytest keeps
+    the last three runs' folders)."""
+    import tempfile
+
+    factory = getattr(config, "_tmp_path_factory", None)  # pytest's tmp_path machinery, if loaded
+    if factory is None:
+        return Path(tempfile.mkdtemp(prefix="attention-rewrites-"))
+    return factory.mktemp("attention-rewrites", numbered=True)

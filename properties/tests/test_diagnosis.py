@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 import oracles
+from oracles import backends
 from oracles.problem import AttentionProblem
+from oracles.reference import reference
 from rewrites.common import array_namespace, causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import Rewrite, builtin, rewrite
-from rewrites.verify import Config, Inputs, Verdict, Verifier, inputs, probes
+from rewrites.verify import Config, Inputs, Verdict, Verifier, diagnose, inputs, probes
+from rewrites.verify.execute import run_rewrite
 
 
 def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, factor: float = 1.0, cast=None):
@@ -360,6 +363,64 @@ def test_an_overflow_says_where_and_at_which_logits(unstable):
     # float32's exp overflows past 88.72 (a row sum of n terms a little earlier) and is 0
     # below -103.97 (a row whose every exp is 0 divides 0 by 0): where the search's failure starts
     assert overflow["finding"] == "non-finite" and 80 <= overflow["logits"] <= 104, overflow
+
+
+def value_circuit_flushed(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """W_v W_o merged per head, its products below the smallest normal flushed to zero (as
+    XLA on a CPU flushes them): the reference never forms a product of two weights."""
+    xp, q, k, _ = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    e = x.shape[-1]
+    hd = e // n_head
+    p = softmax(xp, logits(xp, q, k))  # [..., n_head, n_seq, n_seq]
+    out = c_attn_b[2 * e :] @ c_proj_w + c_proj_b  # rows of p sum to 1
+    for h in range(n_head):
+        w_ov = c_attn_w[:, 2 * e + h * hd : 2 * e + (h + 1) * hd] @ c_proj_w[h * hd : (h + 1) * hd, :]
+        w_ov = xp.where(xp.abs(w_ov) < xp.finfo(x.dtype).smallest_normal, 0.0, w_ov)  # [n_embd, n_embd]
+        out = out + p[..., h, :, :] @ (x @ w_ov)
+    return out
+
+
+def _tiny_weights(scale: float) -> AttentionProblem:
+    """3 tokens, 4 heads of 2, inputs of 64, weights `scale` times GPT-2's size and no
+    biases (which would swamp an output of the weights' magnitude squared)."""
+    rng, e = np.random.default_rng(1), 8
+    w = lambda *shape: rng.normal(size=shape) / np.sqrt(e) * scale
+    return AttentionProblem(64 * rng.normal(size=(3, e)), w(e, 3 * e), np.zeros(3 * e), w(e, e), np.zeros(e), 4)
+
+
+def _is_named_an_underflow(rw: Rewrite, backend: str, p: AttentionProblem) -> None:
+    out = run_rewrite(rw, backend, "float32", p)
+    assert reference(p, backend, "float32").excess(out) > 1  # it does fail there
+    (found,) = diagnose.instability(rw, backend, "float32", p, out)
+    assert found["finding"] == "underflow" and found["shift"] > 20, found
+
+
+def test_an_underflow_of_the_rewrite_s_own_is_named(backend):
+    """Weights of 2^-62: the products W_v W_o lie below float32's smallest normal, which the
+    reference never forms; balanced magnitudes (the same q, k, v) make it pass."""
+    rw = _test_rewrite("value_circuit_flushed", value_circuit_flushed)
+    _is_named_an_underflow(rw, backend, _tiny_weights(2.0**-62))
+
+
+def test_merged_circuits_underflow_on_jax_in_float32():
+    """Measured: XLA on a CPU flushes subnormals, and merged QK and OV circuits form W_v W_o."""
+    if "jax" not in backends.available():
+        pytest.skip("jax is not installed")
+    _is_named_an_underflow(_builtin("merged_qk_ov_circuits"), "jax", _tiny_weights(2.0**-62))
+
+
+def plus_epsilon(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Attention plus 1e-30: wrong wherever outputs are that small, whatever their balance."""
+    return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head) + 1e-30
+
+
+def test_a_failure_that_balanced_magnitudes_do_not_mend_is_not_an_underflow(backend):
+    rw, p = _test_rewrite("plus_epsilon", plus_epsilon), _tiny_weights(2.0**-62)
+    out = run_rewrite(rw, backend, "float32", p)
+    assert reference(p, backend, "float32").excess(out) > 1
+    assert diagnose.instability(rw, backend, "float32", p, out) == []
+    # and at magnitudes far from the subnormal range the probe does not run at all
+    assert probes.underflow(rw, backend, "float32", _tiny_weights(2.0**-20)) == []
 
 
 def test_the_page_shows_the_verdicts_first_then_each_diagnosis_with_its_picture(verdicts, tmp_path):

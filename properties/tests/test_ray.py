@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -54,7 +55,8 @@ REWRITES = ["batched_heads", "mask_off_by_one", "crashes"]
 
 @pytest.fixture(scope="module")
 def local_ray(tmp_path_factory):
-    """The plugin installed, then a local Ray instance of 2 CPUs that inherits it."""
+    """The plugin installed, then a local Ray instance of 2 CPUs that inherits it, its
+    actors' temporary folders in a folder of their own (Ray's own stay where they were)."""
     site = tmp_path_factory.mktemp("site")
     eps = {n: f"ray_test_plugin:{n}" for n in ("crashes", "kills_its_actor_once")}
     fake_distribution(site, DIST, eps, {"ray_test_plugin.py": PLUGIN})
@@ -62,6 +64,9 @@ def local_ray(tmp_path_factory):
         mp.syspath_prepend(str(site))
         mp.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT)]))
         mp.setenv("RAY_TEST_MARKER", str(site / "killed-once"))
+        mp.setenv("RAY_TMPDIR", tempfile.gettempdir())
+        mp.setenv("TMPDIR", str(site / "tmp"))
+        (site / "tmp").mkdir()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
             yield site
@@ -83,6 +88,7 @@ def names(*rewrites: str) -> list[str]:
 def test_ray_gives_the_pool_s_verdicts_and_isolates_a_crash(local_ray, weights, tmp_path):
     pool, on_ray = tmp_path / "pool", tmp_path / "ray"
     base = names(*REWRITES)
+    before = set((local_ray / "tmp").iterdir())
     assert cli.main(_args(pool, weights, *base, "--jobs", "2")) == 1  # `crashes` contradicts its claim
     assert cli.main(_args(on_ray, weights, *base, "--executor", "ray")) == 1
     meta, results = report_results(on_ray)
@@ -97,6 +103,7 @@ def test_ray_gives_the_pool_s_verdicts_and_isolates_a_crash(local_ray, weights, 
     assert all(c.replay.endswith(c.file) for c in found)
     for c in found:
         assert Path(c.file).read_bytes() == (pool / "counterexamples" / Path(c.file).name).read_bytes()
+    assert set((local_ray / "tmp").iterdir()) == before  # the actors removed their folders
 
 
 def test_a_unit_whose_actor_is_lost_is_run_again(local_ray, weights, tmp_path):

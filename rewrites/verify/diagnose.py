@@ -7,8 +7,8 @@ each listed only when its check fires (probes.py holds the checks):
   row, a key dropped or read from another position, split-KV chunks combined without their
   maxima, a length threshold, attention at another scale, or else the right formula at a
   lower precision (`imprecise`, precision.py), or "no known fault";
-- an `unstable` failure (`instability`): an overflow from a logit magnitude, or a future
-  that leaks back in at large logits.
+- an `unstable` failure (`instability`): an overflow from a logit magnitude, a future
+  that leaks back in at large logits, or an underflow of the rewrite's own at tiny ones.
 Failures of more than 64 tokens only get the cheap probes (a shrunk counterexample has few).
 """
 
@@ -106,8 +106,8 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
 
 def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, out: np.ndarray) -> list[dict]:
     """What an `unstable` failure (extreme inputs in `dtype`) is: an overflow (the first
-    non-finite row), or a future that leaks back in (a finite mask swamped), each with the
-    logit magnitude it takes."""
+    non-finite row), a future that leaks back in (a finite mask swamped), each with the
+    logit magnitude it takes, or an underflow of the rewrite's own (probes.underflow)."""
     bad = ~np.isfinite(out).reshape(-1, out.shape[-1]).all(axis=-1)
     try:
         if bad.any():
@@ -116,8 +116,10 @@ def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, ou
             text = f"overflow or 0/0: a non-finite output from row {row}, from |logits| of about {start:.3g} on"
             return [{"finding": "non-finite", "row": row, "logits": start, "text": text}]
         if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
-            return []
+            return probes.underflow(rw, backend, dtype, problem)
         leak = probes.future_leak(rw, backend, dtype, problem)
+        if not leak:
+            return probes.underflow(rw, backend, dtype, problem)
     except RewriteFailed:
         return []
     mag = _logits(problem, backend, dtype)

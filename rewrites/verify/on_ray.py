@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 import warnings
@@ -34,6 +35,8 @@ THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 CONNECT_TIMEOUT = 10.0
 #: Times Ray restarts a lost actor and runs its unit again (a lost node, not a crashing rewrite).
 RETRIES = 3
+#: Seconds the actors get to stop their workers and remove their folders at the end.
+CLOSE_TIMEOUT = 15.0
 
 
 class RayUnavailable(RuntimeError):
@@ -80,6 +83,11 @@ class Unit:
             if path and Path(path).is_file():
                 files[Path(path).name] = Path(path).read_bytes()
         return ("done", done.results, done.throughput, done.compilations, done.failure, done.internal, files)
+
+    def close(self) -> None:
+        """Stop the worker and remove this node's folders (ray.kill alone leaves them behind)."""
+        self.pool.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -165,8 +173,16 @@ def stream(
                 if pending:
                     submit(actor)
         finally:
-            for actor in actors:
-                ray.kill(actor)
+            _stop(ray, actors)
+
+
+def _stop(ray: Any, actors: list) -> None:
+    """Each actor asked to tidy up (a few seconds at most, whatever state it is in), then killed."""
+    closing = [actor.close.remote() for actor in actors]
+    with contextlib.suppress(Exception):  # a busy or lost actor is killed as it is
+        ray.wait(closing, num_returns=len(closing), timeout=CLOSE_TIMEOUT)
+    for actor in actors:
+        ray.kill(actor)
 
 
 def _done(task: Task, reply: tuple, config: Config, gpt2_inputs: bool) -> Done:

@@ -15,9 +15,9 @@ import numpy as np
 import oracles
 from oracles.problem import AttentionProblem
 from oracles.reference import excess, truth_for
+from oracles.truth import MAX, TINY, UNIT_ROUNDOFF, merge_heads, variant
 from oracles.truth import heads as heads_of
-from oracles.truth import merge_heads, variant
-from rewrites.verify.execute import run_rewrite
+from rewrites.verify.execute import output_rows, run_rewrite
 
 LEAK_MIN_SEQ = 8  # the leak probe appends tokens to shorter failures: how far ahead needs room
 MUCH_CLOSER = 1e3  # a wrong row this much closer to a wrong formula than to the truth is that formula
@@ -120,6 +120,36 @@ def future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem) ->
     text = f"leaks the future: row {first_row} sees a key {ahead} position(s) ahead"
     return [{"finding": "leaks the future", "ahead": ahead, "first_row": first_row, "n_seq": keyed.n_seq,
              "seen": seen, "text": text}]  # fmt: skip
+
+
+def underflow(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
+    """A failure that goes away when the magnitudes are balanced: c_attn_w 2^a times larger
+    and x 2^a times smaller (a power of two scales exactly within the normal range), so q, k
+    and v, and every later value the reference forms, keep their bits; only a product the
+    rewrite forms of two weights or two inputs (W_v W_o, W_q W_k^T) moves. Named an
+    underflow where such products of the smaller magnitude lie below tiny / u, where
+    flushing a value to zero loses more than rounding it does (measured: merged QK and OV
+    circuits on JAX in float32, which flushes W_v W_o's smallest products)."""
+    rounded = truth_for(problem, backend, dtype).problem  # the inputs as `dtype` holds them
+    x_max, w_max = float(np.abs(rounded.x).max()), float(np.abs(rounded.c_attn_w).max())
+    m = min(x_max, w_max)
+    if not m > 0 or m * m >= TINY[dtype] / UNIT_ROUNDOFF[dtype]:
+        return []
+    a = round((np.log2(x_max) - np.log2(w_max)) / 2)  # both to about their geometric mean
+    balanced = _with(rounded, x=rounded.x * 2.0**-a, c_attn_w=rounded.c_attn_w * 2.0**a)
+    for v in (balanced.x, balanced.c_attn_w):
+        nonzero = np.abs(v[v != 0])
+        if nonzero.size and (nonzero.min() < TINY[dtype] or nonzero.max() > MAX[dtype]):
+            return []  # it would not scale exactly
+    out, truth, rows = run_rewrite(rw, backend, dtype, balanced), truth_for(balanced, backend, dtype), output_rows(rw)
+    if not _matches(out, truth.out[rows], truth.tolerance(dtype)[rows]):
+        return []
+    text = (
+        f"an underflow of its own: it passes with x times 2^{-a} and c_attn_w times 2^{a} (the same q, k and v); "
+        f"products of two values of {m:.2g} or less ({m * m:.2g} or less) lie where flushing below {dtype}'s "
+        f"smallest normal ({TINY[dtype]:.2g}) loses more than rounding"
+    )
+    return [{"finding": "underflow", "shift": a, "text": text}]
 
 
 def batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
