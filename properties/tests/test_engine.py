@@ -3,6 +3,9 @@ it must not flag (the claim rule, the exact first failing length, the eager/comp
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
 
@@ -10,9 +13,9 @@ import oracles
 from oracles import backends
 from oracles.problem import AttentionProblem
 from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
-from rewrites.registry import rewrite
+from rewrites.registry import builtin, rewrite
 from rewrites.verify import Inputs, Verdict
-from rewrites.verify.execute import reach
+from rewrites.verify.execute import reach, run_rewrite
 from rewrites.verify.judge import References
 from rewrites.verify.record import Search, Stage
 from rewrites.verify.search import sweep
@@ -193,6 +196,18 @@ def test_a_loop_per_tile_is_compiled_on_as_many_tokens_as_the_trace_budget_allow
     assert size(cut.n_seq) <= 30 + one_tile and size(cut.n_seq + 32) > 30
     assert be.runner(per_tile, args(cut.n_seq), (5,)) is not per_tile  # compiled, not eager
     np.testing.assert_array_equal(cut.x, p.x[: cut.n_seq])
+
+
+def test_an_overflowing_rewrite_is_judged_not_warned_of(backend):
+    """no_max_subtraction at logits of 1e3 overflows exp: a non-finite output, no warning
+    (warnings as errors here: a warning would make the call an error)."""
+    (rw,) = [r for r in builtin() if r.name == "no_max_subtraction"]
+    p = _dense(3)
+    p = dataclasses.replace(p, c_attn_w=p.c_attn_w * 30)  # logits of about 1e3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = run_rewrite(rw, backend, "float32", p)
+    assert not np.isfinite(out).all()
 
 
 def test_result_round_trips_through_json():

@@ -159,9 +159,12 @@ def _line(e: BaseException) -> str:
 
 
 def _call(be: backends.Backend, impl: Any, args: tuple, positions: tuple[int, ...]) -> Any:
-    """Call the rewrite; whatever it raises, `sys.exit` included, is its error."""
+    """Call the rewrite; whatever it raises, `sys.exit` included, is its error. NumPy's
+    overflow and 0/0 warnings are not printed: a non-finite output is judged, not warned of
+    (they reached the run's stderr from the diagnosis's probes)."""
     try:
-        return be.runner(impl, args, N_HEAD_ARG, positions)(*args)
+        with np.errstate(all="ignore"):
+            return be.runner(impl, args, N_HEAD_ARG, positions)(*args)
     except SystemExit as e:
         raise RewriteFailed(f"called sys.exit({e.code!r})") from e
     except Exception as e:
