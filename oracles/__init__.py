@@ -33,7 +33,8 @@ def as_backend(problem: AttentionProblem, backend: str, dtype: str) -> tuple:
     be = backends.get(backend)
     if dtype not in be.dtypes:
         raise ValueError(f"backend {backend!r} has no {dtype}; it supports {', '.join(be.dtypes)}")
-    return tuple(be.asarray(a, dtype) for a in problem.arrays())
+    with np.errstate(over="ignore"):  # a value beyond the dtype's range is inf there, not a warning
+        return tuple(be.asarray(a, dtype) for a in problem.arrays())
 
 
 def rounded(problem: AttentionProblem, backend: str, dtype: str) -> AttentionProblem:
@@ -42,7 +43,8 @@ def rounded(problem: AttentionProblem, backend: str, dtype: str) -> AttentionPro
     The truth is computed on these values, so a dtype's error is that of its arithmetic,
     not of representing the inputs."""
     be = backends.get(backend)
-    arrays = [be.round_trip(a, dtype) for a in problem.arrays()]
+    with np.errstate(over="ignore"):
+        arrays = [be.round_trip(a, dtype) for a in problem.arrays()]
     return AttentionProblem(*arrays, n_head=problem.n_head, label=problem.label, segments=problem.segments)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given
@@ -34,6 +37,20 @@ def test_oracles_keep_the_dtype(backend, dtype):
     problem = _tiny_problem()
     out = oracles.oracle(backend).attention(*oracles.as_backend(problem, backend, dtype), problem.n_head)
     assert str(out.dtype).rsplit(".", 1)[-1] == dtype
+
+
+def test_inputs_beyond_the_dtype_s_range_are_inf_without_a_warning(backend, dtype):
+    """An extreme example holds values no dtype can (1e300): inf in that dtype, as rounding
+    says, and no warning (under warnings as errors a warning would be an exception)."""
+    problem = _tiny_problem()
+    problem = dataclasses.replace(problem, x=problem.x * 1e300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = oracles.as_backend(problem, backend, dtype)[0]
+        rounded = oracles.rounded(problem, backend, dtype).x
+    with np.errstate(over="ignore"):
+        want = np.isinf(np.asarray(problem.x, dtype="float32" if dtype == "bfloat16" else dtype))
+    assert (np.isinf(backends.get(backend).to_numpy(x)) == want).all() and (np.isinf(rounded) == want).all()
 
 
 def _tiny_problem() -> oracles.AttentionProblem:
