@@ -115,9 +115,8 @@ def instability(rw: Any, backend: str, dtype: str, problem: AttentionProblem, ou
             start = _overflow_starts(rw, backend, dtype, problem)
             text = f"overflow or 0/0: a non-finite output from row {row}, from |logits| of about {start:.3g} on"
             return [{"finding": "non-finite", "row": row, "logits": start, "text": text}]
-        if rw.output != "full" or problem.n_seq > _MAX_POSITIONS:
-            return probes.underflow(rw, backend, dtype, problem)
-        leak = probes.future_leak(rw, backend, dtype, problem)
+        probed = rw.output == "full" and problem.n_seq <= _MAX_POSITIONS  # the leak probe perturbs each position
+        leak = probes.future_leak(rw, backend, dtype, problem) if probed else []
         if not leak:
             return probes.underflow(rw, backend, dtype, problem)
     except RewriteFailed:
