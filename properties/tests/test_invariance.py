@@ -1,7 +1,8 @@
 """The bitwise invariances reported beside each verdict (rewrites/verify/invariance.py), on
 both sides: a rewrite that holds them by construction (each item alone, each row from its
 own prefix only) is reported invariant, and each fault made on top of it is reported,
-with its witness, as the invariance it breaks and no other."""
+with its witness, as the invariance it breaks and no other; on the synthetic problem and
+on a real GPT-2 layer, where a fault that shows on one source only is still reported."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from oracles.problem import AttentionProblem
 from rewrites import cli
 from rewrites.common import array_namespace, linear, project_out, scores, softmax, split_heads, split_qkv
 from rewrites.registry import Rewrite
 from rewrites.report import invariance_table
 from rewrites.verify import Config, Verifier, inputs
-from rewrites.verify.invariance import PREFIX, measure
+from rewrites.verify.invariance import HALF_PREFIX, PREFIX, measure, real, synthetic
 
 
 def by_construction(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -81,27 +83,66 @@ def test_each_invariance_is_reported_and_only_where_broken(backend, fn, expected
     if backend != "numpy":  # JAX runs a loop per token on a prefix only; PyTorch's would add a minute to CI
         pytest.skip(f"the rewrite invariant by construction loops per token: measured on NumPy, not {backend}")
     rw = case(fn) if fn is not nondeterministic else Rewrite(f"nondeterministic_{backend}", "test", "test", fn)
-    inv = measure(rw, backend, "float64")
+    inv = measure(rw, backend, "float64", [synthetic()])
     assert (inv.batch, inv.prefix, inv.deterministic) == expected, inv
     if broken is None:
         assert inv.witness == {}
     else:
         name, says = broken
-        assert inv.witness[name].startswith(says), inv.witness
+        assert inv.witness[name].startswith(f"synthetic: {says}"), inv.witness
         others = {k: w for k, w in inv.witness.items() if k != name}
         assert all(w.startswith("not measured: nondeterministic") for w in others.values()), others
         assert len(others) == sum(v is None for v in expected)
 
 
+def wider_than(n_embd: int):
+    """Invariant by construction below n_embd, other bits when batched from it on."""
+
+    def wide_batch_dependent(x, *w):
+        return batch_dependent(x, *w) if x.shape[-1] >= n_embd else by_construction(x, *w)
+
+    return wide_batch_dependent
+
+
+def test_a_fault_on_one_source_only_is_reported_with_that_source(gpt2_weights):
+    layers = [layer.problem(np.random.default_rng(i).normal(size=(PREFIX[1], 768))) for i, layer in
+              enumerate(gpt2_weights.layers())]  # fmt: skip
+    sources = [synthetic(), real(layers, 3)]
+    inv = measure(case(wider_than(768)), "numpy", "float64", sources)  # the real layer's width only
+    assert (inv.batch, inv.prefix, inv.deterministic) == (False, True, True), inv
+    assert inv.witness["batch"].startswith("real layer 3: item 1 of a batch of 2 differs"), inv.witness
+    held = measure(case(by_construction), "numpy", "float64", sources)  # and on both sources, nothing flagged
+    assert (held.batch, held.prefix, held.deterministic, held.witness) == (True, True, True, {}), held
+
+
+def small_layer(i: int) -> AttentionProblem:
+    r = np.random.default_rng(i)
+    e = 16
+    return AttentionProblem(r.normal(size=(PREFIX[1], e)), r.normal(size=(e, 3 * e)), r.normal(size=3 * e),
+                            r.normal(size=(e, e)), r.normal(size=e), 2, label=f"layer {i}")  # fmt: skip
+
+
+def test_a_real_layer_batches_other_layers_inputs_and_cuts_half_precision():
+    layers = [small_layer(i) for i in range(12)]
+    batch = real(layers, 11).problem(PREFIX[0], 5)
+    assert batch.x.shape == (5, PREFIX[0], 16)
+    # the item at its place, the next layers' inputs (wrapping round) around it, one layer's weights
+    for i, layer in ((3, 11), (0, 0), (1, 1), (2, 2), (4, 3)):
+        assert np.array_equal(batch.x[i], layers[layer].x[: PREFIX[0]]), (i, layer)
+    assert np.array_equal(batch.c_attn_w, layers[11].c_attn_w)
+    lengths = real(layers, 0).lengths, synthetic().lengths
+    assert [f(d) for f in lengths for d in ("float32", "float16")] == [PREFIX, HALF_PREFIX, PREFIX, PREFIX]
+
+
 def test_what_cannot_be_measured_says_why():
-    inv = measure(case(raises), "numpy", "float64")
+    inv = measure(case(raises), "numpy", "float64", [synthetic()])
     assert (inv.batch, inv.prefix, inv.deterministic) == (None, None, None)
     assert all(w.startswith("not measured: raised ValueError") for w in inv.witness.values()), inv.witness
 
     def last_row(x, *w):
         return by_construction(x, *w)[..., -1:, :]
 
-    inv = measure(case(last_row, output="last"), "numpy", "float64")
+    inv = measure(case(last_row, output="last"), "numpy", "float64", [synthetic()])
     assert (inv.batch, inv.prefix, inv.deterministic) == (True, None, True)
     assert inv.witness == {"prefix": "not measured: the rewrite returns the last row only"}
 
@@ -123,3 +164,15 @@ def test_verdicts_carry_it_and_the_report_shows_it(tmp_path: Path):
     off = Verifier(Config(examples=2, report_dir=tmp_path, dtypes=("float64",), profile=inputs.QUICK, invariance=False))
     assert all(r.invariance is None for r in off.verify_one(case(batch_dependent), ["numpy"], gpt2_inputs=False))
     assert np.isfinite(results[0].max_error_over_bound)
+
+
+def test_verify_measures_them_on_the_rewrite_s_real_layer_too(tmp_path: Path, gpt2_weights):
+    rw = case(wider_than(768))  # other bits when batched at GPT-2's width only: the real layer shows it
+    config = Config(examples=2, report_dir=tmp_path, dtypes=("float64",), profile=inputs.QUICK,
+                    gpt2_weights=str(gpt2_weights.path), gpt2_n_seq=PREFIX[1])  # fmt: skip
+    results = Verifier(config).verify_one(rw, ["numpy"])
+    layer = inputs.real_layer(rw.name, "numpy")
+    assert {r.inputs.value for r in results} == {"hypothesis", "gpt2"}
+    for r in results:
+        assert r.invariance["batch"] is False, r.invariance
+        assert r.invariance["witness"]["batch"].startswith(f"real layer {layer}: item 1 of a batch of 2"), r.invariance

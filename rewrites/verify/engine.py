@@ -168,15 +168,21 @@ class Verifier:
             )
             if gpt2_inputs:
                 rs += self.gpt2_results(rw, backend, rs)
-            results += self._with_invariance(rw, backend, rs)
+            results += self._with_invariance(rw, backend, rs, gpt2_inputs)
             backends.get(backend).release()
         return results
 
-    def _with_invariance(self, rw: Rewrite, backend: str, rs: list[Result]) -> list[Result]:
-        """Each result with its backend x dtype's invariances (measured once per dtype)."""
+    def _with_invariance(self, rw: Rewrite, backend: str, rs: list[Result], gpt2_inputs: bool) -> list[Result]:
+        """Each result with its backend x dtype's invariances (measured once per dtype), on
+        the synthetic problem and, with the real layers, the rewrite's real layer."""
         if not self.config.invariance or rw.load_error:
             return rs
-        found = {d: dataclasses.asdict(invariance.measure(rw, backend, d)) for d in dict.fromkeys(r.dtype for r in rs)}
+        sources = [invariance.synthetic()]
+        if gpt2_inputs and self.real_layers().full[0].n_seq >= invariance.PREFIX[1]:  # not with --gpt2-n-seq 16
+            layers = self.real_layers().full
+            sources.append(invariance.real(layers, inputs.real_layer(rw.name, backend, len(layers))))
+        dtypes = dict.fromkeys(r.dtype for r in rs)
+        found = {d: dataclasses.asdict(invariance.measure(rw, backend, d, sources)) for d in dtypes}
         return [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
 
     def verify(

@@ -92,13 +92,19 @@ class RealInput:
     n_seq: int
 
 
+def real_layer(rewrite: str, backend: str, n_layer: int = 12) -> int:
+    """The layer a rewrite sees at the full context on a backend: from its name, the
+    backends' layers n_layer / 3 apart (the module doc says why)."""
+    spread = n_layer // len(backends.NAMES)
+    return (zlib.crc32(rewrite.encode()) + spread * backends.NAMES.index(backend)) % n_layer
+
+
 def real_plan(rewrite: str, backend: str, dtype: str, n_layer: int = 12, n_seq: int | None = None) -> list[RealInput]:
     """The (layer, n_seq) pairs a rewrite sees on a backend in a dtype (the module doc says
     why); with `n_seq` given, every layer at that length alone (a quick run)."""
     if n_seq is not None:
         return [RealInput(i, n_seq) for i in range(n_layer)]
-    spread = n_layer // len(backends.NAMES)  # the backends' layers are this far apart
-    layer = (zlib.crc32(rewrite.encode()) + spread * backends.NAMES.index(backend)) % n_layer
+    layer = real_layer(rewrite, backend, n_layer)
     long = [RealInput(layer, FULL_CONTEXT), RealInput((layer + 1) % n_layer, OFF_LADDER)]
     if dtype not in CLAIM_DTYPES:
         long = [RealInput(layer, HALF_PRECISION_N_SEQ)]

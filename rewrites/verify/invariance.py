@@ -1,19 +1,24 @@
 """The bitwise invariances serving relies on, measured beside every verdict (per rewrite x
-backend x dtype), on one dense GPT-2-sized problem (n_embd 768, 12 heads, seeded):
+backend x dtype), on each of its sources (`Source`): a synthetic problem (n_embd 256, 4
+heads of 64, seeded) and, where the GPT-2 weights are found, the rewrite's real layer
+(n_embd 768, 12 heads: its inputs along the real attention path, other layers' inputs as
+the other items of a batch):
 
 - batch: an item's output has the same bits alone and inside batches of other items
   (sizes BATCHES), what a server needs for an answer that does not depend on the batch;
-- prefix: the first PREFIX[0] rows have the same bits whether the sequence has PREFIX[0]
-  or PREFIX[1] tokens, what a KV or prefix cache needs to reproduce the full pass;
+- prefix: the first m rows have the same bits whether the sequence has m or n tokens
+  (`lengths`), what a KV or prefix cache needs to reproduce the full pass;
 - deterministic: two calls on the same input give the same bits: execute.Nondeterminism's
   check, the one that makes a nondeterministic rewrite an `error` (one check, not two).
 
-Each is True, False with a witness (where the bits differ, and by how much), or None with
-the reason where it cannot be measured (the rewrite raised, returns the last row only, or
-its backend runs only a prefix of long problems: Backend.tokens)."""
+Each is True (on every source), False with a witness (the source, where the bits differ,
+and by how much), or None with the reason where it cannot be measured (the rewrite raised,
+returns the last row only, or its backend runs only a prefix of long problems:
+Backend.tokens)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,14 +26,20 @@ import numpy as np
 
 from oracles.problem import AttentionProblem
 from rewrites.verify.execute import NONDETERMINISM, RewriteFailed, reach, run_rewrite
+from rewrites.verify.verdicts import CLAIM_DTYPES
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
-N_EMBD, N_HEAD = 768, 12
 PREFIX = (100, 256)  # the first 100 rows of a 256-token run against a 100-token run
+#: A real layer in float16 and bfloat16: NumPy's half-precision matmul has no BLAS, and 100
+#: and 256 tokens of GPT-2's width took 12 s of a 22 s NumPy unit (measured); 32 and 96
+#: tokens still cross tiles of 16, 32 and 64.
+HALF_PREFIX = (32, 96)
 BATCHES = (2, 5)  # the item at index 1 of a batch of 2, and at index 3 of a batch of 5
 AT = {2: 1, 5: 3}
+SYNTHETIC_EMBD, SYNTHETIC_HEADS = 256, 4
+NAMES = ("batch", "prefix", "deterministic")
 
 
 @dataclass(frozen=True)
@@ -39,70 +50,111 @@ class Invariance:
     witness: dict[str, str] = field(default_factory=dict)  # per property: where the bits differ, or why not measured
 
 
-def problem(n_seq: int, batch: int | None = None, seed: int = 0) -> AttentionProblem:
-    """The dense problem: GPT-2-scaled weights (seed 0, shared by every size), inputs of
-    `n_seq` tokens; with `batch`, that many items, item AT[batch] the unbatched one."""
+@dataclass(frozen=True)
+class Source:
+    """One item's problem and, for the batches, other items with the same weights."""
+
+    name: str
+    item: AttentionProblem  # at PREFIX[1] tokens, unbatched
+    others: np.ndarray  # [max(BATCHES) - 1, PREFIX[1], n_embd]: the other items' x
+    half_precision_cut: bool = False  # measured at HALF_PREFIX in float16 and bfloat16
+
+    def lengths(self, dtype: str) -> tuple[int, int]:
+        return HALF_PREFIX if self.half_precision_cut and dtype not in CLAIM_DTYPES else PREFIX
+
+    def problem(self, n_seq: int, batch: int | None = None) -> AttentionProblem:
+        """The item at `n_seq` tokens; with `batch`, inside that many items, at AT[batch]."""
+        item = self.item.prefix(n_seq)
+        if batch is None:
+            return item
+        x = list(self.others[: batch - 1, :n_seq])
+        x.insert(AT[batch], item.x)
+        label = f"{self.name}, batch of {batch}"
+        return AttentionProblem(np.stack(x), *item.arrays()[1:], n_head=item.n_head, label=label)
+
+
+def synthetic(seed: int = 0) -> Source:
+    """Seeded GPT-2-scaled weights, normal inputs: the same problem in every run."""
+    e, n = SYNTHETIC_EMBD, PREFIX[1]
     w = np.random.default_rng(seed)
-    c_attn_w, c_attn_b = w.normal(size=(N_EMBD, 3 * N_EMBD)) * 0.02, w.normal(size=3 * N_EMBD) * 0.02
-    c_proj_w, c_proj_b = w.normal(size=(N_EMBD, N_EMBD)) * 0.02, w.normal(size=N_EMBD) * 0.02
-    item = np.random.default_rng(seed + 1).normal(size=(PREFIX[1], N_EMBD))[:n_seq]  # the same rows at every n_seq
-    x = item
-    if batch is not None:
-        others = np.random.default_rng(seed + 2).normal(size=(batch, n_seq, N_EMBD))
-        others[AT[batch]] = item
-        x = others
-    return AttentionProblem(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, N_HEAD, label=f"invariance {x.shape}")
+    c_attn_w, c_attn_b = w.normal(size=(e, 3 * e)) * 0.02, w.normal(size=3 * e) * 0.02
+    c_proj_w, c_proj_b = w.normal(size=(e, e)) * 0.02, w.normal(size=e) * 0.02
+    x = np.random.default_rng(seed + 1).normal(size=(max(BATCHES), n, e))
+    item = AttentionProblem(x[0], c_attn_w, c_attn_b, c_proj_w, c_proj_b, SYNTHETIC_HEADS, label="synthetic")
+    return Source("synthetic", item, x[1:])
+
+
+def real(layers: Sequence[AttentionProblem], layer: int) -> Source:
+    """GPT-2 layer `layer` on its real input; the next layers' inputs are the other items."""
+    others = [layers[(layer + i) % len(layers)].x[: PREFIX[1]] for i in range(1, max(BATCHES))]
+    return Source(f"real layer {layer}", layers[layer].prefix(PREFIX[1]), np.stack(others), half_precision_cut=True)
 
 
 Outcome = tuple[bool | None, str | None]  # (holds, where the bits differ) or (None, why not measured)
 HOLDS: Outcome = (True, None)
 
 
-def measure(rw: Rewrite, backend: str, dtype: str) -> Invariance:
-    """The three invariances of `rw` on `backend` in `dtype`."""
-    m, n = PREFIX
-    short = rw.takes(problem(m))
-    if reach(rw, backend, dtype, rw.takes(problem(n))).n_seq < n:
-        why = f"not measured: {backend} runs this loop on a prefix of long problems only"
-        return Invariance(None, None, None, dict.fromkeys(("batch", "prefix", "deterministic"), why))
+def measure(rw: Rewrite, backend: str, dtype: str, sources: Sequence[Source]) -> Invariance:
+    """The three invariances of `rw` on `backend` in `dtype`: broken where any source breaks
+    one, held where every source that could measure it holds it."""
+    found = [_on(rw, backend, dtype, s) for s in sources]
+    values: dict[str, bool | None] = {}
+    witness: dict[str, str] = {}
+    for name in NAMES:
+        outcomes = [(s, f[name]) for s, f in zip(sources, found, strict=True)]
+        broken = [f"{s.name}: {w}" for s, (v, w) in outcomes if v is False]
+        measured = [v for _, (v, _) in outcomes if v is not None]
+        values[name] = False if broken else (True if measured else None)
+        if broken:
+            witness[name] = broken[0]
+        elif not measured:
+            witness[name] = outcomes[0][1][1] or "not measured"
+    return Invariance(values["batch"], values["prefix"], values["deterministic"], witness)
+
+
+def _on(rw: Rewrite, backend: str, dtype: str, source: Source) -> dict[str, Outcome]:
+    m, n = source.lengths(dtype)
+    short = rw.takes(source.problem(m))
+    if reach(rw, backend, dtype, rw.takes(source.problem(n))).n_seq < n:
+        return dict.fromkeys(NAMES, (None, f"not measured: {backend} runs this loop on a prefix of long problems only"))
     try:
         alone = run_rewrite(rw, backend, dtype, short)
     except RewriteFailed as e:
-        return Invariance(None, None, None, dict.fromkeys(("batch", "prefix", "deterministic"), f"not measured: {e}"))
+        return dict.fromkeys(NAMES, (None, f"not measured: {e}"))
     found: dict[str, Outcome] = {}
     for name, check in (("deterministic", _deterministic), ("batch", _batch), ("prefix", _prefix)):
         try:
-            found[name] = check(rw, backend, dtype, short, alone)
+            found[name] = check(rw, backend, dtype, source, alone)
         except RewriteFailed as e:
             found[name] = (None, f"not measured: {e}")
-    witness = {k: w for k, (_, w) in found.items() if w is not None}
-    return Invariance(found["batch"][0], found["prefix"][0], found["deterministic"][0], witness)
+    return found
 
 
-def _deterministic(rw: Rewrite, backend: str, dtype: str, short: AttentionProblem, alone: np.ndarray) -> Outcome:
+def _deterministic(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
     known = NONDETERMINISM.known(rw, backend)  # seen in the searches already
     if known is None:
         try:
-            NONDETERMINISM.check(rw, backend, dtype, short, alone)
+            NONDETERMINISM.check(rw, backend, dtype, rw.takes(source.problem(source.lengths(dtype)[0])), alone)
             return HOLDS
         except RewriteFailed as e:
             known = str(e)
     return (False, known)
 
 
-def _batch(rw: Rewrite, backend: str, dtype: str, short: AttentionProblem, alone: np.ndarray) -> Outcome:
+def _batch(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
+    m = source.lengths(dtype)[0]
     for size in BATCHES:
-        got = run_rewrite(rw, backend, dtype, rw.takes(problem(short.n_seq, size)))[AT[size]]
+        got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(m, size)))[AT[size]]
         if not np.array_equal(got, alone, equal_nan=True):
             return (False, f"item {AT[size]} of a batch of {size} differs from it alone {_where(got, alone)}")
     return HOLDS
 
 
-def _prefix(rw: Rewrite, backend: str, dtype: str, short: AttentionProblem, alone: np.ndarray) -> Outcome:
-    m, n = PREFIX
+def _prefix(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
+    m, n = source.lengths(dtype)
     if rw.output != "full":
         return (None, "not measured: the rewrite returns the last row only")
-    got = run_rewrite(rw, backend, dtype, rw.takes(problem(n)))[:m]
+    got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(n)))[:m]
     if not np.array_equal(got, alone, equal_nan=True):
         return (False, f"the first {m} rows of {n} tokens differ from {m} tokens alone {_where(got, alone)}")
     return HOLDS
