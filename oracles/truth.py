@@ -65,10 +65,17 @@ class Precision:
         nu = n * self.ua
         return nu / (1 - nu) if nu < 1 else math.inf
 
-    def flush(self, v: np.ndarray) -> np.ndarray:
+    def flush(self, v: np.ndarray) -> np.ndarray | float:
         """Error from flushing v to zero where it is below the smallest normal number."""
-        a = np.abs(v)
-        return np.where(a < TINY[self.dtype], a, 0.0)
+        return self.flush_abs(np.abs(v))
+
+    def flush_abs(self, a: np.ndarray) -> np.ndarray | float:
+        """flush(v) from a = |v|; 0.0 where nothing is flushed (the usual case: a weight
+        matrix of GPT-2's is 1.8M values, and the bounds of a diagnosis are many)."""
+        small = a < TINY[self.dtype]
+        if not small.any() or not a[small].any():
+            return 0.0
+        return np.where(small, a, 0.0)
 
     def store(self, v: np.ndarray) -> np.ndarray:
         """Error from storing v in this dtype: u|v| plus, as in the standard underflow model
@@ -76,18 +83,21 @@ class Precision:
         equivalent program may underflow in intermediates the reference does not have."""
         return self.u * np.abs(v) + TINY[self.dtype]
 
-    def linear(self, A, eA, B, eB, y, bias=None) -> np.ndarray:
-        """Error of y = A @ B + bias, given errors eA, eB of the operands.
+    def linear(self, A, eA, B, eB, y, bias=None, aB=None) -> np.ndarray:
+        """Error of y = A @ B + bias, given errors eA, eB of the operands (0.0: none), and
+        aB = |B| where the caller has it.
 
         A kernel may accumulate onto the bias (BLAS gemm with beta=1, torch.addmm), so the
         bias is one more term of the inner product: gamma(n + 1) (|A||B| + |bias|)."""
         n = A.shape[-1] + (bias is not None)
-        aA, aB = np.abs(A), np.abs(B)
+        aA, aB = np.abs(A), np.abs(B) if aB is None else aB
         magnitude = aA @ aB + (0.0 if bias is None else np.abs(bias))
         if magnitude.max(initial=0.0) > 0.5 * MAX[ACCUMULATOR[self.dtype]]:
             return np.full(y.shape, np.inf)
         tiny_acc = n * TINY[ACCUMULATOR[self.dtype]]  # products flushed in the accumulator
-        return eA @ aB + aA @ eB + (self.gamma(n) + self.u) * magnitude + self.store(y) + tiny_acc
+        # an error of 0.0 adds exact zeros: skipped, the sum has the same bits
+        carried = [a @ b for a, b in ((eA, aB), (aA, eB)) if np.ndim(a) and np.ndim(b)]
+        return sum(carried, start=np.zeros(())) + (self.gamma(n) + self.u) * magnitude + self.store(y) + tiny_acc
 
 
 def heads(t: np.ndarray, n_head: int) -> np.ndarray:
@@ -133,8 +143,9 @@ class Truth:
             return np.full(self.out.shape, np.inf)
         x, w, b, wo, bo = pb.arrays()
         ex = pr.flush(x) if self.x_error is None else self.x_error
+        aw, awo = np.abs(w), np.abs(wo)  # once each: GPT-2's are 1.8M and 0.6M values
         # qkv = x @ W + b
-        e_qkv = pr.linear(x, ex, w, pr.flush(w), self.qkv, b) + pr.flush(b)
+        e_qkv = pr.linear(x, ex, w, pr.flush_abs(aw), self.qkv, b, aw) + pr.flush(b)
         q, k, v = (heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
         eq, ek, ev = (heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
         # z = (q @ k.T) / sqrt(head_dim), the mask exact (causal, and the layout's documents)
@@ -155,7 +166,7 @@ class Truth:
         dp = de / s + self.p * ds / s + pr.store(self.p)
         # o = p @ v, heads merged (exact), out = o @ Wo + bo
         e_o = merge_heads(pr.linear(self.p, dp, v, ev, heads(self.o, pb.n_head)))
-        return pr.linear(self.o, e_o, wo, pr.flush(wo), self.out, bo) + pr.flush(bo)
+        return pr.linear(self.o, e_o, wo, pr.flush_abs(awo), self.out, bo, awo) + pr.flush(bo)
 
     def tolerance(self, dtype: str) -> np.ndarray:
         """What a `dtype` result may differ from `self.out` by: its bound plus the truth's own."""

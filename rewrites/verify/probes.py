@@ -110,7 +110,7 @@ def future_leak(rw: Any, backend: str, dtype: str, problem: AttentionProblem) ->
     for j in range(1, keyed.n_seq):
         x = keyed.x.copy()
         x[..., j, 0] = _new_values(keyed.x, x[..., j, 0].shape)
-        out, _ = _run(rw, backend, dtype, _with(keyed, x=x))
+        out = run_rewrite(rw, backend, dtype, rw.takes(_with(keyed, x=x)))  # held to base's bound: no truth of its own
         rows = np.flatnonzero(rows_beyond(out, base, tolerance).reshape(-1, keyed.n_seq)[:, :j].any(axis=0))
         seen += [[int(i), j] for i in rows]
     if not seen:
