@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import oracles
-from oracles import backends
+from oracles import backends, numpy_oracle
 from oracles.problem import AttentionProblem
 from oracles.reference import reference
 from rewrites.common import array_namespace, causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import Rewrite, builtin, rewrite
 from rewrites.verify import Config, Inputs, Verdict, Verifier, diagnose, inputs, probes
 from rewrites.verify.execute import run_rewrite
+from rewrites.verify.precision import INFORMATIVE, Precision
 
 
 def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, factor: float = 1.0, cast=None):
@@ -482,3 +483,44 @@ def test_a_length_where_every_row_fails_is_left_to_the_precision_evidence(across
     assert r.verdict is Verdict.INEQUIVALENT, r
     (t,) = [f for f in r.diagnosis if f["finding"] == "length threshold"]
     assert t["first_fails_at"] == 17 and not t["earlier_rows_pass"] and "every row from 0" in t["text"], t
+
+
+def _logits_near(z: float) -> AttentionProblem:
+    """Dense, 6 tokens, 2 heads of 4, the query weights scaled so the logits are about z."""
+    rng, e = np.random.default_rng(5), 8
+    w = lambda *shape: rng.normal(size=shape) / math.sqrt(e)
+    c_attn_w = w(e, 3 * e)
+    c_attn_w[:, :e] *= z / 2
+    return AttentionProblem(rng.normal(size=(6, e)), c_attn_w, w(3 * e), w(e, e), w(e), n_head=2)
+
+
+def _float32(problem: AttentionProblem) -> np.ndarray:
+    """The right formula in float32 arithmetic, back in float64."""
+    args = [a.astype(np.float32) for a in problem.arrays()]
+    return numpy_oracle.attention(*args, problem.n_head).astype(np.float64)
+
+
+def test_a_failure_within_a_lower_precision_s_wide_bound_is_called_undecided():
+    wide = _logits_near(3e5)  # float32's bound is finite but wider than 1/16 of the output here
+    bound = float(oracles.ground_truth(wide).tolerance("float32").max())
+    assert INFORMATIVE * np.abs(oracles.ground_truth(wide).out).max() < bound < math.inf
+    p = Precision("float64")
+    p.add(_float32(wide), wide, "numpy")
+    found = p.undecided
+    assert p.effective is None and found is not None and found["precision"] == "float32", (p, found)
+    assert found["bound"] == pytest.approx(bound) and "too wide to tell float32 arithmetic" in found["text"]
+
+
+def test_a_failure_that_leaves_the_wide_bound_or_an_informative_one_is_not_undecided():
+    wide, moderate = _logits_near(3e5), _logits_near(1.0)
+    wrong = lambda pb: oracles.ground_truth(pb).out + 100.0  # a wrong formula, beyond even the wide bound (14)
+    f32 = (wide, _float32(wide))
+    for failures in ([(wide, wrong(wide)), f32], [(moderate, wrong(moderate)), f32]):
+        p = Precision("float64")  # one failure leaves the wide bound, or an informative one
+        for pb, out in failures:
+            p.add(out, pb, "numpy")
+        assert p.undecided is None, p
+    p = Precision("float64")
+    p.add(_float32(moderate), moderate, "numpy")  # an informative bound, held: evidence, not undecided
+    p.add(_float32(wide), wide, "numpy")
+    assert p.undecided is None and "float32" in p.seen, p

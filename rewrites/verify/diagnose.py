@@ -64,7 +64,8 @@ def explain(s: Search) -> None:
     if not s.findings and s.effective_precision:
         s.message += f"; within the {s.effective_precision} bound on every failing example"
     elif not s.findings:
-        s.findings = [unexplained(run)]
+        undecided = s.precision.undecided if s.precision is not None else None
+        s.findings = [undecided or unexplained(run)]
     s.message += "".join(f"; {f['text']}" for f in s.findings)
 
 

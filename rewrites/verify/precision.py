@@ -135,6 +135,10 @@ class Precision:
     dtype: str
     alive: list[str] = field(default_factory=list)  # candidates not ruled out, lowest first
     seen: set[str] = field(default_factory=set)  # candidates with a failing output of finite bound
+    #: candidate -> (its bound, the output's magnitude) on a failing output that stayed within
+    #: a bound too wide to be evidence; `left`: candidates some failing output left at all
+    wide: dict[str, tuple[float, float]] = field(default_factory=dict)
+    left: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.alive = list(LOWER.get(self.dtype, ()))
@@ -143,28 +147,52 @@ class Precision:
         """One failing output: rule out each candidate whose informative bound it leaves."""
         if not self.alive or size(problem) > _MAX_SIZE:
             return  # nothing left to rule out, or no evidence either way (a long problem's bounds take seconds)
-        for i, held in enumerate(self._held(out, problem, backend, rows)):
-            if held is False:
+        judged = zip(list(self.alive), self._judged(out, problem, backend, rows), strict=True)
+        for i, (p, (within, bound, magnitude)) in enumerate(judged):
+            if not within:
+                self.left.add(p)
+            if not bound <= INFORMATIVE * magnitude:  # infinite, or as wide as the output: no evidence
+                if within and math.isfinite(bound):
+                    self.wide.setdefault(p, (bound, magnitude))
+            elif not within:
                 del self.alive[i:]  # a wider bound failed: the narrower ones fail too
                 return
-            if held:
-                self.seen.add(self.alive[i])
+            else:
+                self.seen.add(p)
 
     def confirm(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple = np.s_[...]) -> None:
         """The output on `evidence_problem()`: a candidate stays only if its bound is informative there and holds."""
-        held = self._held(out, problem, backend, rows)
-        self.alive = [p for p, h in zip(self.alive, held, strict=True) if h]
+        judged = zip(self.alive, self._judged(out, problem, backend, rows), strict=True)
+        self.alive = [p for p, (within, bound, m) in judged if within and bound <= INFORMATIVE * m]
 
-    def _held(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple) -> list[bool | None]:
-        """For each candidate: whether `out` is within its bound (None: not informative there)."""
+    def _judged(self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple) -> list[tuple]:
+        """For each candidate: (whether `out` is within its bound, the bound's largest
+        element, the output's largest magnitude)."""
         truth = truth_for(problem, backend, self.dtype)
-        magnitude = np.abs(truth.out[rows]).max(initial=0.0)
-        held: list[bool | None] = []
+        magnitude = float(np.abs(truth.out[rows]).max(initial=0.0))
+        judged = []
         for p in self.alive:
             tolerance = (truth.bound(p) + truth.bound("float64"))[rows]
-            informative = tolerance.max(initial=0.0) <= INFORMATIVE * magnitude  # finite, and not as wide as the output
-            held.append(excess(out, truth.out[rows], tolerance) <= 1 if informative else None)
-        return held
+            judged.append((excess(out, truth.out[rows], tolerance) <= 1, float(tolerance.max(initial=0.0)), magnitude))
+        return judged
+
+    @property
+    def undecided(self) -> dict | None:
+        """The finding of a failure that every kept output shows within a lower precision's
+        bound, where that bound was never narrow enough to be evidence: p arithmetic and a
+        wrong formula cannot be told apart on these failures (the verdict stays the rule's)."""
+        if self.effective is not None:
+            return None
+        open_ = [p for p in self.alive if p in self.wide and p not in self.left and p not in self.seen]
+        if not open_:
+            return None
+        p = open_[-1]  # the highest such precision
+        bound, magnitude = self.wide[p]
+        text = (
+            f"within {p}'s bound, too wide to tell {p} arithmetic from a wrong formula: up to {bound:.2g} against "
+            f"outputs of up to {magnitude:.2g} (evidence needs a bound below 1/{round(1 / INFORMATIVE)} of them)"
+        )
+        return {"finding": "precision undecided", "precision": p, "bound": bound, "magnitude": magnitude, "text": text}
 
     @property
     def effective(self) -> str | None:
