@@ -176,3 +176,22 @@ def test_verify_measures_them_on_the_rewrite_s_real_layer_too(tmp_path: Path, gp
     for r in results:
         assert r.invariance["batch"] is False, r.invariance
         assert r.invariance["witness"]["batch"].startswith(f"real layer {layer}: item 1 of a batch of 2"), r.invariance
+
+
+def test_the_numpy_oracle_is_batch_invariant_and_its_prefix_verdict_is_its_bits():
+    """The NumPy oracle as a rewrite: batch-invariant (np.matmul runs the same GEMM per item);
+    prefix-variant where BLAS blocks 100 and 256 rows differently, as measured here (x86-64,
+    OpenBLAS: rows 97-99 of 100 differ in float64), which is checked against its own bits."""
+    from oracles import numpy_oracle
+
+    rw = Rewrite("numpy_oracle", "test", "test", numpy_oracle.attention, claim="equivalent")
+    src = synthetic()
+    inv = measure(rw, "numpy", "float64", [src])
+    assert inv.batch is True and inv.deterministic is True, inv
+    m, n = PREFIX
+    bits_kept = np.array_equal(
+        numpy_oracle.attention(*src.problem(n).arrays(), src.item.n_head)[:m],
+        numpy_oracle.attention(*src.problem(m).arrays(), src.item.n_head),
+    )
+    assert inv.prefix is bits_kept, inv
+    assert bits_kept or inv.witness["prefix"].startswith(f"synthetic: the first {m} rows of {n} tokens differ")
