@@ -82,6 +82,9 @@ class Backend:
     #: (JAX's arrays never do; NumPy's made read-only), False where it can (PyTorch), so a
     #: call must be checked by comparing copies (execute.py)
     protect: Callable[[Any], bool] = lambda a: False
+    #: Whether an error's message says the call wrote into a protected input (NumPy's
+    #: "assignment destination is read-only", "output array is read-only")
+    wrote_protected: Callable[[str], bool] = lambda message: False
 
     def runner(
         self, fn: Callable, args: tuple, static: tuple[int, ...] = (), positions: tuple[int, ...] = ()
@@ -164,6 +167,7 @@ def _numpy(device: str) -> Backend:
         to_numpy=lambda a: np.asarray(a, dtype=np.float64),
         namespace=xp,
         protect=_read_only,
+        wrote_protected=lambda message: "read-only" in message,
     )
 
 
