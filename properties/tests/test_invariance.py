@@ -18,7 +18,7 @@ from rewrites.common import array_namespace, linear, project_out, scores, softma
 from rewrites.registry import Rewrite
 from rewrites.report import invariance_table
 from rewrites.verify import Config, Verifier, inputs
-from rewrites.verify.invariance import HALF_PREFIX, PREFIX, measure, real, synthetic
+from rewrites.verify.invariance import PREFIX, measure, real, synthetic
 
 
 def by_construction(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -122,7 +122,7 @@ def small_layer(i: int) -> AttentionProblem:
                             r.normal(size=(e, e)), r.normal(size=e), 2, label=f"layer {i}")  # fmt: skip
 
 
-def test_a_real_layer_batches_other_layers_inputs_and_cuts_half_precision():
+def test_a_real_layer_batches_other_layers_inputs():
     layers = [small_layer(i) for i in range(12)]
     batch = real(layers, 11).problem(PREFIX[0], 5)
     assert batch.x.shape == (5, PREFIX[0], 16)
@@ -130,8 +130,6 @@ def test_a_real_layer_batches_other_layers_inputs_and_cuts_half_precision():
     for i, layer in ((3, 11), (0, 0), (1, 1), (2, 2), (4, 3)):
         assert np.array_equal(batch.x[i], layers[layer].x[: PREFIX[0]]), (i, layer)
     assert np.array_equal(batch.c_attn_w, layers[11].c_attn_w)
-    lengths = real(layers, 0).lengths, synthetic().lengths
-    assert [f(d) for f in lengths for d in ("float32", "float16")] == [PREFIX, HALF_PREFIX, PREFIX, PREFIX]
 
 
 def test_what_cannot_be_measured_says_why():

@@ -7,7 +7,7 @@ the other items of a batch):
 - batch: an item's output has the same bits alone and inside batches of other items
   (sizes BATCHES), what a server needs for an answer that does not depend on the batch;
 - prefix: the first m rows have the same bits whether the sequence has m or n tokens
-  (`lengths`), what a KV or prefix cache needs to reproduce the full pass;
+  (PREFIX), what a KV or prefix cache needs to reproduce the full pass;
 - deterministic: two calls on the same input give the same bits: execute.Nondeterminism's
   check, the one that makes a nondeterministic rewrite an `error` (one check, not two).
 
@@ -26,16 +26,14 @@ import numpy as np
 
 from oracles.problem import AttentionProblem
 from rewrites.verify.execute import NONDETERMINISM, RewriteFailed, reach, run_rewrite
-from rewrites.verify.verdicts import CLAIM_DTYPES
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
 
-PREFIX = (100, 256)  # the first 100 rows of a 256-token run against a 100-token run
-#: A real layer in float16 and bfloat16: NumPy's half-precision matmul has no BLAS, and 100
-#: and 256 tokens of GPT-2's width took 12 s of a 22 s NumPy unit (measured); 32 and 96
-#: tokens still cross tiles of 16, 32 and 64.
-HALF_PREFIX = (32, 96)
+#: The first 100 rows of a 256-token run against a 100-token run, in every dtype: at 32 and
+#: 96 tokens in half precision (tried to spare NumPy's float16, which has no BLAS) JAX's
+#: bfloat16 batch variance and PyTorch's flash kernel's bfloat16 prefix variance went unseen.
+PREFIX = (100, 256)
 BATCHES = (2, 5)  # the item at index 1 of a batch of 2, and at index 3 of a batch of 5
 AT = {2: 1, 5: 3}
 SYNTHETIC_EMBD, SYNTHETIC_HEADS = 256, 4
@@ -57,10 +55,6 @@ class Source:
     name: str
     item: AttentionProblem  # at PREFIX[1] tokens, unbatched
     others: np.ndarray  # [max(BATCHES) - 1, PREFIX[1], n_embd]: the other items' x
-    half_precision_cut: bool = False  # measured at HALF_PREFIX in float16 and bfloat16
-
-    def lengths(self, dtype: str) -> tuple[int, int]:
-        return HALF_PREFIX if self.half_precision_cut and dtype not in CLAIM_DTYPES else PREFIX
 
     def problem(self, n_seq: int, batch: int | None = None) -> AttentionProblem:
         """The item at `n_seq` tokens; with `batch`, inside that many items, at AT[batch]."""
@@ -87,7 +81,7 @@ def synthetic(seed: int = 0) -> Source:
 def real(layers: Sequence[AttentionProblem], layer: int) -> Source:
     """GPT-2 layer `layer` on its real input; the next layers' inputs are the other items."""
     others = [layers[(layer + i) % len(layers)].x[: PREFIX[1]] for i in range(1, max(BATCHES))]
-    return Source(f"real layer {layer}", layers[layer].prefix(PREFIX[1]), np.stack(others), half_precision_cut=True)
+    return Source(f"real layer {layer}", layers[layer].prefix(PREFIX[1]), np.stack(others))
 
 
 Outcome = tuple[bool | None, str | None]  # (holds, where the bits differ) or (None, why not measured)
@@ -113,7 +107,7 @@ def measure(rw: Rewrite, backend: str, dtype: str, sources: Sequence[Source]) ->
 
 
 def _on(rw: Rewrite, backend: str, dtype: str, source: Source) -> dict[str, Outcome]:
-    m, n = source.lengths(dtype)
+    m, n = PREFIX
     short = rw.takes(source.problem(m))
     if reach(rw, backend, dtype, rw.takes(source.problem(n))).n_seq < n:
         return dict.fromkeys(NAMES, (None, f"not measured: {backend} runs this loop on a prefix of long problems only"))
@@ -134,7 +128,7 @@ def _deterministic(rw: Rewrite, backend: str, dtype: str, source: Source, alone:
     known = NONDETERMINISM.known(rw, backend)  # seen in the searches already
     if known is None:
         try:
-            NONDETERMINISM.check(rw, backend, dtype, rw.takes(source.problem(source.lengths(dtype)[0])), alone)
+            NONDETERMINISM.check(rw, backend, dtype, rw.takes(source.problem(PREFIX[0])), alone)
             return HOLDS
         except RewriteFailed as e:
             known = str(e)
@@ -142,7 +136,7 @@ def _deterministic(rw: Rewrite, backend: str, dtype: str, source: Source, alone:
 
 
 def _batch(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
-    m = source.lengths(dtype)[0]
+    m = PREFIX[0]
     for size in BATCHES:
         got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(m, size)))[AT[size]]
         if not np.array_equal(got, alone, equal_nan=True):
@@ -151,7 +145,7 @@ def _batch(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndar
 
 
 def _prefix(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
-    m, n = source.lengths(dtype)
+    m, n = PREFIX
     if rw.output != "full":
         return (None, "not measured: the rewrite returns the last row only")
     got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(n)))[:m]
