@@ -118,33 +118,38 @@ def _on(rw: Rewrite, backend: str, dtype: str, source: Source) -> dict[str, Outc
     found: dict[str, Outcome] = {}
     for name, check in (("deterministic", _deterministic), ("batch", _batch), ("prefix", _prefix)):
         try:
-            found[name] = check(rw, backend, dtype, source, alone)
+            found[name] = check(rw, backend, dtype, source, short, alone)
         except RewriteFailed as e:
             found[name] = (None, f"not measured: {e}")
     return found
 
 
-def _deterministic(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
+def _deterministic(
+    rw: Rewrite, backend: str, dtype: str, source: Source, short: AttentionProblem, alone: np.ndarray
+) -> Outcome:
     known = NONDETERMINISM.known(rw, backend)  # seen in the searches already
     if known is None:
         try:
-            NONDETERMINISM.check(rw, backend, dtype, rw.takes(source.problem(PREFIX[0])), alone)
+            NONDETERMINISM.check(rw, backend, dtype, short, alone)
             return HOLDS
         except RewriteFailed as e:
             known = str(e)
     return (False, known)
 
 
-def _batch(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
-    m = PREFIX[0]
+def _batch(
+    rw: Rewrite, backend: str, dtype: str, source: Source, short: AttentionProblem, alone: np.ndarray
+) -> Outcome:
     for size in BATCHES:
-        got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(m, size)))[AT[size]]
+        got = run_rewrite(rw, backend, dtype, rw.takes(source.problem(short.n_seq, size)))[AT[size]]
         if not np.array_equal(got, alone, equal_nan=True):
             return (False, f"item {AT[size]} of a batch of {size} differs from it alone {_where(got, alone)}")
     return HOLDS
 
 
-def _prefix(rw: Rewrite, backend: str, dtype: str, source: Source, alone: np.ndarray) -> Outcome:
+def _prefix(
+    rw: Rewrite, backend: str, dtype: str, source: Source, short: AttentionProblem, alone: np.ndarray
+) -> Outcome:
     m, n = PREFIX
     if rw.output != "full":
         return (None, "not measured: the rewrite returns the last row only")
