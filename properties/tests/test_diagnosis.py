@@ -524,3 +524,51 @@ def test_a_failure_that_leaves_the_wide_bound_or_an_informative_one_is_not_undec
     p.add(_float32(moderate), moderate, "numpy")  # an informative bound, held: evidence, not undecided
     p.add(_float32(wide), wide, "numpy")
     assert p.undecided is None and "float32" in p.seen, p
+
+
+def _batched(batch: tuple[int, ...], n_seq: int = 5, n_head: int = 2, head_dim: int = 3) -> AttentionProblem:
+    """Dense values, every item its own."""
+    rng, e = np.random.default_rng(11), n_head * head_dim
+    w = lambda *shape: rng.normal(size=shape) / math.sqrt(e)
+    return AttentionProblem(rng.normal(size=(*batch, n_seq, e)), w(e, 3 * e), w(3 * e), w(e, e), w(e), n_head)
+
+
+def test_batch_items_names_the_wrong_items_and_the_smallest_failing_batch():
+    """Both sides of the batch-items probe: items wrong inside a batch and right alone are
+    named, with the smallest batch that fails (a dropped odd item: 3) or, where no flat batch
+    fails, the batch dimensions (two merged in the wrong order); a formula wrong for every
+    item alone, the right formula and a batch of one item get nothing."""
+
+    def fired(rw: Rewrite, p: AttentionProblem) -> list[dict]:
+        return probes.batch_items(rw, "numpy", "float64", p, run_rewrite(rw, "numpy", "float64", p))
+
+    (f,) = fired(_builtin("microbatch_odd_item_dropped"), _batched((5,)))
+    assert f["finding"] == "batch items" and f["items"] == [4] and f["first_fails_at_batch"] == 3, f
+    (f,) = fired(_builtin("batch_dims_merged_transposed"), _batched((2, 3)))
+    assert f["items"] == [1, 2, 3, 4] and f["first_fails_at_batch"] is None and "dimensions [2, 3]" in f["text"], f
+    assert fired(_test_rewrite("t", scaled(0.5)), _batched((5,))) == []  # wrong alone too: not the batch's doing
+    assert fired(_test_rewrite("t", scaled(1.0)), _batched((5,))) == []
+    assert fired(_builtin("microbatch_odd_item_dropped"), _batched((1,))) == []
+
+
+@pytest.fixture(scope="module")
+def short_lengths(tmp_path_factory):
+    """rewrite -> its float64 Result, searched at short lengths with the default batches
+    (NumPy, synthetic inputs, no explicit examples)."""
+    from properties.strategies import long_attention_problems
+
+    band = (long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17)),)
+    profile = inputs.Profile("short", band, band, None)
+    config = Config(examples=20, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
+                    explicit_examples=False, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+    return lambda rw: verifier.verify_one(rw, ["numpy"], gpt2_inputs=False)[0]
+
+
+@pytest.mark.parametrize("name", ["microbatch_odd_item_dropped", "batch_dims_merged_transposed"])
+def test_a_batch_fault_is_found_by_the_search_alone(short_lengths, name):
+    """Batches of 1 and 2 alone never showed these (measured: both were `bitwise`)."""
+    r = short_lengths(_builtin(name))
+    assert r.verdict is Verdict.INEQUIVALENT and _finding(r, "batch items") is not None, r
+    batch = r.counterexample.shape["batch"]
+    assert (len(batch) == 2 and min(batch) > 1) if "merged" in name else math.prod(batch) % 2 == 1, batch

@@ -124,3 +124,37 @@ def mask_minus_1e4(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     z = scores(xp, q, k)
     z = z + (1 - xp.astype(causal(xp, q.shape[-2]), z.dtype)) * -1e4
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+
+
+def _causal(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Plain causal attention, [..., n_seq, n_embd] -> [..., n_seq, n_embd]."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def microbatch_odd_item_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Batches in micro-batches of 2 that drop an odd last item (drop_last), left at zero.
+
+    A single item runs alone, so batches of 1 and 2 are right; first fails with 3 items."""
+    xp = array_namespace(x)
+    items = xp.reshape(x, (-1, *x.shape[-2:]))  # [..., n_seq, n_embd] -> [B, n_seq, n_embd]
+    b, w = items.shape[0], (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    if b == 1:
+        return _causal(x, *w)
+    done = [_causal(items[i : i + 2], *w) for i in range(0, b - 1, 2)]  # whole pairs only: [2, n_seq, n_embd] each
+    done += [xp.zeros_like(items[:1])] * (b % 2)  # the odd item out: [1, n_seq, n_embd]
+    return xp.reshape(xp.concat(done, axis=0), x.shape)  # [B, n_seq, n_embd] -> [..., n_seq, n_embd]
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def batch_dims_merged_transposed(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Two batch dimensions (e.g. sequences x beams) merged for the kernel in one order and
+    split back in the other, so items trade places; right with one batch dimension, or
+    where either has one item."""
+    xp, w = array_namespace(x), (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    if x.ndim != 4:
+        return _causal(x, *w)
+    b1, b2, n, e = x.shape
+    flat = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (b2 * b1, n, e))  # [b1, b2, n, e] -> [b2*b1, n, e]
+    return xp.reshape(_causal(flat, *w), (b1, b2, n, e))  # the bug: split as b1 x b2

@@ -77,6 +77,7 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
     - re-running the rewrite with one input changed: a key ahead changing a row (it leaks the
       future, and how far), one batch item changing another, one head's values reaching
       another head's columns, rows of attention weights not summing to 1;
+    - batch items wrong inside the batch and right alone, and the smallest batch that fails;
     - else the first wrong row attends without one of its keys or reads another position's
       key in one's place (at any length), or its key chunks were combined without their maxima.
     A rewrite that fails on these runs is not probed further; past _MAX_POSITIONS tokens only
@@ -93,6 +94,7 @@ def findings(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base:
     try:
         found += probes.future_leak(rw, backend, dtype, problem)
         found += probes.batch_mixing(rw, backend, dtype, problem)
+        found += probes.batch_items(rw, backend, dtype, problem, base)
         found += probes.heads_mixed(rw, backend, dtype, problem)
         if not found:
             found += probes.rows_do_not_sum_to_one(rw, backend, dtype, problem)

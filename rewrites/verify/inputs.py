@@ -136,18 +136,23 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
     that a search finds a fault by itself."""
     rng = np.random.default_rng(0)
 
-    def dense(n_seq: int, n_head: int, head_dim: int, q: float = 1.0, label: str = "") -> AttentionProblem:
+    def dense(
+        n_seq: int, n_head: int, head_dim: int, q: float = 1.0, label: str = "", batch: tuple[int, ...] = ()
+    ) -> AttentionProblem:
         e = n_head * head_dim
         w = rng.normal(size=(e, 3 * e)) / np.sqrt(e)
         w[:, :e] *= q
         return AttentionProblem(
-            rng.normal(size=(n_seq, e)), w, rng.normal(size=3 * e) / np.sqrt(e),
+            rng.normal(size=(*batch, n_seq, e)), w, rng.normal(size=3 * e) / np.sqrt(e),
             rng.normal(size=(e, e)) / np.sqrt(e), rng.normal(size=e) / np.sqrt(e), n_head, label=f"known hard: {label}",
         )  # fmt: skip
 
     if stage_is_formula:  # moderate inputs only: a failure here means a wrong formula
-        # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows
-        return [dense(1025, 4, 32, label="full context + 1, four heads of 32")]
+        # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows;
+        # then a batch of 3 x 5 items (odd, more than 4, two dimensions): after the long one,
+        # so a fault that every input shows keeps an unbatched counterexample
+        return [dense(1025, 4, 32, label="full context + 1, four heads of 32"),
+                dense(7, 2, 3, batch=(3, 5), label="a batch of 3 x 5 items")]  # fmt: skip
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
         dense(2, 1, 3, q=1e11, label="logits near 1e11 (picoGPT's -1e10 mask leaks)"),
@@ -170,14 +175,17 @@ def with_layout(problem: AttentionProblem, layout: str) -> AttentionProblem:
     """A fixed layout for a problem not drawn by Hypothesis (a real layer, an explicit
     example); one that has a layout keeps it. Padded: a batch of two copies, the first
     left-padded to two thirds of its tokens, the second right-padded to three quarters
-    (padding positions hold real hidden states, as a pad token's do). Packed:
-    REAL_DOCUMENTS."""
+    (padding positions hold real hidden states, as a pad token's do); a batched problem's
+    rows alternate so. Packed: REAL_DOCUMENTS."""
     if layout == "dense" or problem.segments is not None:
         return problem
     n = problem.n_seq
     if layout == "padded":
-        two = dataclasses.replace(problem, x=np.stack([problem.x, problem.x]))
-        return two.padded([n - n // 3, n - n // 4], ["left", "right"])
+        if problem.x.ndim == 2:
+            problem = dataclasses.replace(problem, x=np.stack([problem.x, problem.x]))
+        rows = int(np.prod(problem.x.shape[:-2], dtype=np.int64))
+        return problem.padded([n - n // 3, n - n // 4] * (rows // 2) + [n - n // 3] * (rows % 2),
+                              ["left", "right"] * (rows // 2) + ["left"] * (rows % 2))  # fmt: skip
     room, docs = n - n // 16, []
     for d in REAL_DOCUMENTS:
         if sum(docs) + d < room:

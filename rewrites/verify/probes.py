@@ -167,6 +167,34 @@ def batch_mixing(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -
     return [{"finding": "mixes batch items", "text": text}]
 
 
+def batch_items(rw: Any, backend: str, dtype: str, problem: AttentionProblem, base: np.ndarray) -> list[dict]:
+    """A batched failure whose wrong items are each right alone: which items, and the
+    smallest batch that fails, its first b items as one batch dimension (items are
+    independent, so a batch's first items are a problem of their own, as a sequence's
+    first tokens are). Wrong only with several batch dimensions, when no flat batch fails."""
+    lead = problem.x.shape[:-2]
+    items = int(np.prod(lead, dtype=np.int64))
+    if items < 2:
+        return []
+    truth = truth_for(problem, backend, dtype)
+    wrong = np.flatnonzero(rows_beyond(base, truth.out, truth.tolerance(dtype)).reshape(items, -1).any(axis=1))
+    flat = problem.x.reshape(items, *problem.x.shape[-2:])  # [items, n_seq, n_embd]
+    if not wrong.size or any(_beyond(rw, backend, dtype, _with(problem, x=flat[i])) for i in wrong):
+        return []  # a wrong item is wrong alone too: not the batch's doing
+    first = next((b for b in range(2, items + 1) if _beyond(rw, backend, dtype, _with(problem, x=flat[:b]))), None)
+    said, dims = ", ".join(map(str, wrong)), list(lead)
+    text = f"wrong inside a batch: item(s) {said} of a batch of {dims} are beyond the bound, each right alone; "
+    text += (f"the first {first} items as a batch fail, the first {first - 1} pass" if first
+             else f"every flat batch of its first items passes: wrong only with batch dimensions {dims}")  # fmt: skip
+    return [{"finding": "batch items", "items": wrong.tolist(), "first_fails_at_batch": first, "text": text}]
+
+
+def _beyond(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> bool:
+    """Is the rewrite's output on `problem` beyond the bound anywhere?"""
+    out, tolerance = _run(rw, backend, dtype, problem)
+    return bool(rows_beyond(out, truth_for(rw.takes(problem), backend, dtype).out, tolerance).any())
+
+
 def heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
     """With c_proj the identity the output is the merged heads; with only head h's values
     nonzero, only head h's columns may be nonzero (for a grouped-KV kernel: only the
