@@ -18,7 +18,7 @@ from rewrites.common import array_namespace, linear, project_out, scores, softma
 from rewrites.registry import Rewrite
 from rewrites.report import invariance_table
 from rewrites.verify import Config, Verifier, inputs
-from rewrites.verify.invariance import PREFIX, measure, real, synthetic
+from rewrites.verify.invariance import PREFIX, PREFIX_UNBLOCKED, measure, prefix, real, synthetic
 
 
 def by_construction(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -47,9 +47,23 @@ def batch_dependent(x, *w):
     return rounded_again(out) if x.ndim > 2 else out
 
 
-def length_dependent(x, *w):
+def length_dependent(x, *w, rows: int = PREFIX[0]):
     out = by_construction(x, *w)
-    return rounded_again(out) if x.shape[-2] > PREFIX[0] else out
+    return rounded_again(out) if x.shape[-2] > rows else out
+
+
+def test_a_dtype_without_blas_compares_shorter_prefixes():
+    """NumPy's float16 (no BLAS: 14 s a rewrite at 100/256 tokens) is measured at 32/96, and
+    a fault from 32 rows on is reported there; every other backend x dtype at 100/256."""
+    assert prefix("numpy", "float16") == PREFIX_UNBLOCKED and prefix("numpy", "float32") == PREFIX
+    m, n = PREFIX_UNBLOCKED
+
+    def longer_than_m(x, *w):
+        return length_dependent(x, *w, rows=m)
+
+    inv = measure(case(longer_than_m), "numpy", "float16", [synthetic()])
+    assert (inv.batch, inv.prefix, inv.deterministic) == (True, False, True), inv
+    assert inv.witness["prefix"].startswith(f"synthetic: the first {m} rows of {n} tokens differ"), inv.witness
 
 
 CALLS = [0]
