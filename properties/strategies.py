@@ -59,9 +59,10 @@ LENGTH_LADDER = (1, 2, 3, 5, 8, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 2
 
 #: (n_head, head_dim) pairs, simplest first (shrinking moves towards the front): few distinct
 #: shapes, since JAX compiles every rewrite once per shape. The small ones make readable
-#: counterexamples; head_dim 64 and 128 reach the tile sizes of real kernels; 12 heads of 2
-#: test many heads cheaply; (12, 64) is GPT-2 small itself.
-HEAD_SHAPES = ((1, 1), (2, 1), (1, 3), (2, 3), (12, 2), (1, 64), (2, 64), (1, 128), (12, 64))
+#: counterexamples; head_dim 64 and 128 reach the tile sizes of real kernels; 7 heads leave
+#: a remainder in groups of 2 to 6 (GPT-2 XL has 25 heads), where 12 divide evenly; 12 heads
+#: of 2 test many heads cheaply; (12, 64) is GPT-2 small itself.
+HEAD_SHAPES = ((1, 1), (2, 1), (1, 3), (2, 3), (7, 2), (12, 2), (1, 64), (2, 64), (1, 128), (12, 64))
 
 #: How many elementwise values a problem of `long_attention_problems` draws; arrays that do
 #: not fit in them (any of more elements, for one) are dense: N(0, 1) from a drawn seed.

@@ -572,3 +572,55 @@ def test_a_batch_fault_is_found_by_the_search_alone(short_lengths, name):
     assert r.verdict is Verdict.INEQUIVALENT and _finding(r, "batch items") is not None, r
     batch = r.counterexample.shape["batch"]
     assert (len(batch) == 2 and min(batch) > 1) if "merged" in name else math.prod(batch) % 2 == 1, batch
+
+
+def test_a_dropped_head_is_named_and_a_head_without_values_is_not():
+    """Both sides of the dropped-heads check: a kernel that leaves an odd last head at zero
+    drops head 6 of 7 (and nothing of 12); the right formula on a problem whose head 1 has
+    no values (its columns are zero in the truth too) drops nothing."""
+    dropped = _builtin("heads_in_pairs_odd_head_dropped")
+    names = lambda found: [f["finding"] for f in found]
+    (f,) = probes.heads_mixed(dropped, "numpy", "float64", _batched((), n_head=7, head_dim=2))
+    assert f["finding"] == "drops heads" and f["heads"] == [6], f
+    assert probes.heads_mixed(dropped, "numpy", "float64", _batched((), n_head=12, head_dim=2)) == []
+    p = _batched((), n_head=3, head_dim=2)
+    p.c_attn_w[:, 2 * p.n_embd + 2 : 2 * p.n_embd + 4] = 0.0  # head 1's values: none
+    p.c_attn_b[2 * p.n_embd + 2 : 2 * p.n_embd + 4] = 0.0
+    assert names(probes.heads_mixed(_test_rewrite("t", scaled(1.0)), "numpy", "float64", p)) == []
+
+
+def test_an_odd_head_count_fault_is_found_by_the_search_alone(short_lengths):
+    """Head counts 1, 2 and 12 alone never show a fault in the remainder of pairs of heads."""
+    r = short_lengths(_builtin("heads_in_pairs_odd_head_dropped"))
+    assert r.verdict is Verdict.INEQUIVALENT and _finding(r, "drops heads") is not None, r
+    assert r.counterexample.shape["n_head"] % 2 == 1 and r.counterexample.shape["n_head"] > 1, r.counterexample
+
+
+def bits_differ_at_head_dim_3(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """At head_dim 3 only: float32 arithmetic for float64 inputs (a float64 failure), and
+    in float32 other bits (within the bound: (out + 1) - 1 drops the low bits of small
+    values); else the right formula, as the oracle computes it."""
+    xp = array_namespace(x)
+    if x.shape[-1] // n_head != 3:
+        return _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    if x.dtype == xp.float64:
+        return softmax_in_float32(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    return (_attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head) + 1) - 1
+
+
+def test_bitwise_counts_the_replayed_float64_failure_too(tmp_path):
+    """Both sides: float32's own search sees head_dim 1 only, where both rewrites have the
+    oracle's bits; float64's failure (head_dim 3), replayed in float32, has other bits for
+    one of them, which is then `equivalent` in float32, not `bitwise`."""
+    from properties.strategies import attention_problems
+
+    shapes = dict(max_seq=(2, 3), max_head=(1, 2), batches=((),))
+    profile = inputs.Profile("t", (attention_problems(max_head_dim=(3,), **shapes),),
+                             (attention_problems(max_head_dim=(1,), **shapes),), None)  # fmt: skip
+    config = Config(examples=5, report_dir=tmp_path, dtypes=("float64", "float32"), profile=profile,
+                    explicit_examples=False, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+    got = lambda name, fn: {r.dtype: r.verdict for r in verifier.verify_one(_test_rewrite(name, fn), ["numpy"], False)}
+    assert got("differs", bits_differ_at_head_dim_3) == {"float64": Verdict.IMPRECISE, "float32": Verdict.EQUIVALENT}
+    same_bits = lambda *a: bits_differ_at_head_dim_3(*a) if a[0].dtype == np.float64 else _attention(*a)
+    assert got("same_bits", same_bits) == {"float64": Verdict.IMPRECISE, "float32": Verdict.BITWISE}

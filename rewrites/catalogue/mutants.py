@@ -158,3 +158,18 @@ def batch_dims_merged_transposed(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_he
     b1, b2, n, e = x.shape
     flat = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (b2 * b1, n, e))  # [b1, b2, n, e] -> [b2*b1, n, e]
     return xp.reshape(_causal(flat, *w), (b1, b2, n, e))  # the bug: split as b1 x b2
+
+
+@rewrite(family="mutant", claim="inequivalent")
+def heads_in_pairs_odd_head_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Heads attended two at a time (a kernel tuned for pairs); an odd last head is left at zero.
+
+    One head runs alone and every even count is right, GPT-2's 12 heads among them; first
+    fails with 3 heads (GPT-2 XL has 25)."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n_seq, head_dim]
+    if n_head == 1:
+        return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+    pair = lambda t, h: t[..., h : h + 2, :, :]  # [..., 2, n_seq, head_dim]
+    done = [softmax(xp, logits(xp, pair(q, h), pair(k, h))) @ pair(v, h) for h in range(0, n_head - 1, 2)]
+    done += [xp.zeros_like(v[..., :1, :, :])] * (n_head % 2)  # the odd head out
+    return project_out(xp, xp.concat(done, axis=-3), c_proj_w, c_proj_b)

@@ -14,8 +14,8 @@ one verdict per dtype, each decided by evidence in that dtype.
 3. Where the formula held, each dtype's own search (Stage.DTYPE, moderate and extreme
    inputs, skipping inputs that no correct computation in that dtype can hold) decides:
    an output that overflows, is NaN or leaves the bound makes it `unstable`.
-4. Otherwise `bitwise` if every output equalled the same backend's oracle bit for bit,
-   else `equivalent`.
+4. Otherwise `bitwise` if every output equalled the same backend's oracle bit for bit
+   (float64's failure replayed in step 2 included), else `equivalent`.
 """
 
 from __future__ import annotations
@@ -63,11 +63,13 @@ def decide(run: Run, dtypes: Sequence[str]) -> list[Decision]:
             searches.append(run(dtype, Stage.FORMULA, formula))
         if searches[-1].failure is None:
             searches.append(run(dtype, Stage.DTYPE, None))
-        decided = searches[-1]
+        decided, mine = searches[-1], searches if dtype == "float64" else searches[1:]
         cut = max((s.cut_to for s in searches if s.cut_to), default=None)
-        own = sum(s.seconds for s in (searches if dtype == "float64" else searches[1:]))
+        verdict = verdict_of(decided)
+        if verdict is Verdict.BITWISE and not all(s.bitwise for s in mine):  # a replayed failure's bits differed
+            verdict = Verdict.EQUIVALENT
         examples = sum(s.examples for s in searches)
-        decisions.append(Decision(dtype, verdict_of(decided), decided, examples, cut, own))
+        decisions.append(Decision(dtype, verdict, decided, examples, cut, sum(s.seconds for s in mine)))
     return decisions
 
 

@@ -77,7 +77,9 @@ class Verifier:
             if rw.layout != "dense":  # padded or packed rewrites: the same problems with a layout
                 bands = inputs.laid_out(bands, rw.layout)
                 explicit = [inputs.with_layout(p, rw.layout) for p in explicit]
-            s = Search(rw, backend, dtype, stage, cut_hint=first.first_fails_at if first else None)
+            # replaying float64's failure in another dtype: its bits count too (`bitwise` is about every output seen)
+            hint = first.first_fails_at if first else None
+            s = Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=first is not None)
             # Another dtype's search for float64's formula failure (decide.py): what it finds
             # is the same fault, already shrunk and diagnosed in float64; shrinking it again
             # took most of these searches' time (the cut still makes its length exact).
@@ -113,9 +115,9 @@ class Verifier:
             # as is, unless grouped KV (heads tied) or padded or packed (a fixed layout)
             problems = [(layer, inputs.with_layout(rw.takes(p), rw.layout)) for layer, p in problems]
             hint = first.first_fails_at if first else synthetic.get(dtype)
-            bits_too = stage is Stage.FORMULA and dtype == "float64" and first is None
+            bits_too = stage is Stage.FORMULA and (dtype == "float64" or first is not None)
             s = sweep(problems, Search(rw, backend, dtype, stage, cut_hint=hint, bits_too=bits_too), self.refs)
-            if bits_too and s.failure is None:
+            if bits_too and dtype == "float64" and s.failure is None:
                 passed64.append(s)
             return s
 

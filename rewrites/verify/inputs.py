@@ -149,9 +149,11 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
 
     if stage_is_formula:  # moderate inputs only: a failure here means a wrong formula
         # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows;
-        # then a batch of 3 x 5 items (odd, more than 4, two dimensions): after the long one,
-        # so a fault that every input shows keeps an unbatched counterexample
+        # then an odd head count, and a batch of 3 x 5 items (odd, more than 4, two
+        # dimensions): after the long one, so a fault that every input shows keeps it as its
+        # counterexample (cut short), unbatched
         return [dense(1025, 4, 32, label="full context + 1, four heads of 32"),
+                dense(7, 3, 2, label="three heads"),
                 dense(7, 2, 3, batch=(3, 5), label="a batch of 3 x 5 items")]  # fmt: skip
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),

@@ -199,30 +199,39 @@ def heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) ->
     """With c_proj the identity the output is the merged heads; with only head h's values
     nonzero, only head h's columns may be nonzero (for a grouped-KV kernel: only the
     columns of the query heads sharing h's k, v head, h the group's first).
-    Which heads' columns does each reach?"""
+    Which heads' columns does each reach? A head whose values reach no column where the
+    truth has some (beyond the bound) is dropped."""
     if problem.n_head < 2:
         return []
-    e, g = problem.n_embd, rw.group(problem.n_head)
-    lands = []
+    e, g, hd = problem.n_embd, rw.group(problem.n_head), problem.head_dim
+    lands, dropped = [], []
     for h in range(0, problem.n_head, g):
         w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
         others = 2 * e + np.flatnonzero(~_head_columns(problem, h))
         w[:, others], b[others] = 0.0, 0.0  # only head h has values (and its group, tied again in _run)
         one_head = _with(problem, c_attn_w=w, c_attn_b=b, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
         out, tolerance = _run(rw, backend, dtype, one_head)
+        truth = truth_for(rw.takes(one_head), backend, dtype).out
         with np.errstate(all="ignore"):
             moved = ~(np.abs(out) <= tolerance)  # the truth is exactly 0 outside its group's columns
-        heads = sorted({int(c) // problem.head_dim for c in np.flatnonzero(moved.reshape(-1, e).any(axis=0))})
+            needed = ~(np.abs(truth) <= tolerance)[..., h * hd : (h + g) * hd]  # where it is not 0
+        heads = sorted({int(c) // hd for c in np.flatnonzero(moved.reshape(-1, e).any(axis=0))})
         if heads and heads != list(range(h, h + g)):
             lands.append({"head": h, "columns_of": heads})
-    if not lands:
-        return []
-    moved = all(len(x["columns_of"]) == g for x in lands)
-    name = "reorders heads" if moved else "mixes heads"
-    heads = lambda x: ", ".join(map(str, x["columns_of"]))
+        elif not heads and needed.any():
+            dropped.append(h)
     who = lambda h: f"head {h}'s values" if g == 1 else f"k, v head {h // g}'s values (for heads {h}-{h + g - 1})"
-    said = "; ".join(f"{who(x['head'])} reach the columns of head(s) {heads(x)}" for x in lands)
-    return [{"finding": name, "heads": lands, "text": f"{name}: {said}"}]
+    found = []
+    if lands:
+        name = "reorders heads" if all(len(x["columns_of"]) == g for x in lands) else "mixes heads"
+        heads = lambda x: ", ".join(map(str, x["columns_of"]))
+        said = "; ".join(f"{who(x['head'])} reach the columns of head(s) {heads(x)}" for x in lands)
+        found.append({"finding": name, "heads": lands, "text": f"{name}: {said}"})
+    if dropped:
+        said = "; ".join(who(h) for h in dropped)
+        text = f"drops heads: {said} reach no column of the output, where the truth has them"
+        found.append({"finding": "drops heads", "heads": dropped, "text": text})
+    return found
 
 
 def rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
