@@ -52,18 +52,23 @@ def length_dependent(x, *w, rows: int = PREFIX[0]):
     return rounded_again(out) if x.shape[-2] > rows else out
 
 
-def test_a_dtype_without_blas_compares_shorter_prefixes():
-    """NumPy's float16 (no BLAS: 14 s a rewrite at 100/256 tokens) is measured at 32/96, and
-    a fault from 32 rows on is reported there; every other backend x dtype at 100/256."""
-    assert prefix("numpy", "float16") == PREFIX_UNBLOCKED and prefix("numpy", "float32") == PREFIX
+def test_a_real_layer_in_a_dtype_without_blas_compares_shorter_prefixes():
+    """NumPy's float16 (no BLAS: 12 s a rewrite for a real layer at 100/256 tokens) measures
+    a real layer at 32/96, where a fault from 32 rows on is reported; the synthetic source
+    and every other backend x dtype stay at 100/256."""
     m, n = PREFIX_UNBLOCKED
+    layer, synth = real([small_layer(i) for i in range(12)], 3), synthetic()
+    assert prefix("numpy", "float16", layer) == (m, n)
+    assert prefix("numpy", "float32", layer) == prefix("numpy", "float16", synth) == PREFIX
 
     def longer_than_m(x, *w):
         return length_dependent(x, *w, rows=m)
 
-    inv = measure(case(longer_than_m), "numpy", "float16", [synthetic()])
+    inv = measure(case(longer_than_m), "numpy", "float16", [layer])
     assert (inv.batch, inv.prefix, inv.deterministic) == (True, False, True), inv
-    assert inv.witness["prefix"].startswith(f"synthetic: the first {m} rows of {n} tokens differ"), inv.witness
+    assert inv.witness["prefix"].startswith(f"real layer 3: the first {m} rows of {n} tokens differ"), inv.witness
+    inv = measure(case(length_dependent), "numpy", "float16", [synth])  # from 100 rows on
+    assert inv.witness["prefix"].startswith(f"synthetic: the first {PREFIX[0]} rows of {PREFIX[1]}"), inv.witness
 
 
 CALLS = [0]

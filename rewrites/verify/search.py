@@ -8,6 +8,7 @@ import functools
 import math
 import random
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -108,7 +109,9 @@ def hypothesis_search(
         share = examples * (i + 1) // len(bands) - examples * i // len(bands)
         try:
             seeded = None if seed is None else random.Random(seed)
-            s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)), random=seeded)
+            with warnings.catch_warnings():  # the repr of a batched problem's arrays: never shown here
+                warnings.filterwarnings("ignore", message="Generating overly large repr")
+                s.failure = find(strategy, fails, settings=settings(opts, max_examples=max(share, 1)), random=seeded)
         except NoSuchExample:
             pass
         except _ShrinkBudgetSpent:
