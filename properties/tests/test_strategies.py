@@ -102,6 +102,7 @@ def test_gpt2_head_shape_only_at_short_lengths():
     assert not SIZE_LIMITS.allows((2,), 2049, 2, 64) and SIZE_LIMITS.allows((), 2049, 2, 64)
     assert not SIZE_LIMITS.allows((1,), 100, 1, 1) and SIZE_LIMITS.allows((2,), 100, 1, 128)
     assert not SizeLimits(max_scores=100).allows((), 11, 1, 1)
+    assert not SIZE_LIMITS.allows((3, 5), 16, 12, 64) and SIZE_LIMITS.allows((3, 5), 64, 2, 64)
 
 
 @settings(SEARCH, max_examples=100)
