@@ -567,7 +567,8 @@ def short_lengths(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["microbatch_odd_item_dropped", "batch_dims_merged_transposed"])
 def test_a_batch_fault_is_found_by_the_search_alone(short_lengths, name):
-    """Batches of 1 and 2 alone never showed these (measured: both were `bitwise`)."""
+    """Batches of 1 and 2 alone cannot show these (two such faults, tried as plugins with
+    those batches only, were `bitwise` on every backend)."""
     r = short_lengths(_builtin(name))
     assert r.verdict is Verdict.INEQUIVALENT and _finding(r, "batch items") is not None, r
     batch = r.counterexample.shape["batch"]
