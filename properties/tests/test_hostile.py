@@ -299,6 +299,44 @@ def test_hostile_plugins_cannot_break_the_run(hostile_site, tiny_weights, baseli
     print(f"--jobs {jobs}: {seconds:.0f} s")
 
 
+THREADS_PLUGIN = """
+import os
+
+from rewrites import rewrite
+
+
+@rewrite(family="threads_test", claim="equivalent")
+def tells_its_threads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    \"\"\"Raises with the worker's BLAS and OpenMP thread settings as its message.\"\"\"
+    raise RuntimeError(" ".join(os.environ.get(v, "unset") for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")))
+"""
+
+
+@pytest.mark.parametrize("user", [None, "3"])
+def test_each_worker_computes_on_one_thread_unless_the_user_says(user, tiny_weights, tmp_path, monkeypatch):
+    """Workers on 4 cores: one BLAS and OpenMP thread each (unset, each would start 4, and
+    a bitwise verdict would depend on the machine); the user's own setting wins; the
+    parent's environment is left as it was."""
+    fake_distribution(tmp_path, "threads-plugin", {"tells_its_threads": "threads_plugin:tells_its_threads"},
+                      {"threads_plugin.py": THREADS_PLUGIN})  # fmt: skip
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False) if user is None else monkeypatch.setenv(var, user)
+    before = dict(os.environ)
+    args = ["verify", "--report", str(tmp_path / "r"), "--examples", "2", "--no-gpt2", "--no-invariance",
+            "--dtype", "float64", "--backend", "numpy", "--backend", BACKENDS[-1], "--jobs", "2"]  # fmt: skip
+    try:
+        assert cli.main([*args, "--rewrite", "tells_its_threads", "--rewrite", "batched_heads"]) == 1
+    finally:
+        sys.modules.pop("threads_plugin", None)
+    messages = {r.counterexample.message for r in report_results(tmp_path / "r")[1] if r.rewrite == "tells_its_threads"}
+    want = "1 1" if user is None else "3 3"
+    assert messages and all(m.endswith(f"RuntimeError: {want}") for m in messages), messages
+    assert dict(os.environ) == before
+
+
 # --- an interrupted or killed run keeps its verdicts ----------------------------------------
 
 

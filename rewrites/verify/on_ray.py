@@ -22,15 +22,11 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rewrites.verify.pool import Done, Pool, Task, error_results, portable
+from rewrites.verify.pool import Done, Pool, Task, error_results, portable, worker_threads
 
 if TYPE_CHECKING:
     from rewrites.verify.engine import Config
 
-#: Thread counts the workers get from the driver's environment. Ray sets OMP_NUM_THREADS=1
-#: in an actor of one CPU; BLAS then sums in another order, and `batched_heads` in NumPy
-#: float32 became `bitwise` where the local pool's two threads give `equivalent`.
-THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 #: Seconds to wait for a Ray address to answer before saying it does not.
 CONNECT_TIMEOUT = 10.0
 #: Times Ray restarts a lost actor and runs its unit again (a lost node, not a crashing rewrite).
@@ -55,21 +51,22 @@ class Unit:
     """The actor: this node's catalogue and a pool of one worker, kept warm between units."""
 
     def __init__(
-        self, config: Config, refs: dict, gpt2_inputs: bool, include_plugins: bool, timeout: float, threads: dict
+        self,
+        config: Config,
+        refs: dict,
+        gpt2_inputs: bool,
+        include_plugins: bool,
+        timeout: float,
+        threads: dict[str, str],
     ) -> None:
         from rewrites.registry import catalogue
         from rewrites.verify.serve import restored
 
-        for var, value in threads.items():  # the driver's, not Ray's OMP_NUM_THREADS=1 (see THREADS)
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
         self.folder = Path(tempfile.mkdtemp(prefix="attention-rewrites-"))  # this node's report folder
         config = dataclasses.replace(restored(config, refs), report_dir=self.folder)
         self.args = (config, gpt2_inputs)
         self.found = {rw.identity: rw for rw in catalogue(include_plugins)}
-        self.pool = Pool(config, gpt2_inputs, include_plugins, timeout)
+        self.pool = Pool(config, gpt2_inputs, include_plugins, timeout, threads)
 
     def run(self, identity: tuple[str, str], backend: str) -> tuple:
         """("done", results, throughput, compilations, failure, internal, files) or ("missing",)."""
@@ -147,7 +144,7 @@ def stream(
     with cluster(address, gpu):
         n = max(1, min(jobs or int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1)), len(work)))
         unit = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=RETRIES, max_task_retries=RETRIES)(Unit)
-        args = (*portable(config), gpt2_inputs, include_plugins, timeout, {v: os.environ.get(v) for v in THREADS})
+        args = (*portable(config), gpt2_inputs, include_plugins, timeout, worker_threads())
         pending, running, actors = deque(work), {}, []
 
         def submit(actor: Any) -> None:

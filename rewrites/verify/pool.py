@@ -9,6 +9,7 @@ is serve.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import multiprocessing
@@ -38,6 +39,33 @@ STARTUP_LIMIT = 300.0
 STARTUP_FAILURES = 3
 #: Seconds between copies of the workers' output to the parent's stderr.
 ECHO_EVERY = 1.0
+#: The thread counts of a worker's BLAS and OpenMP (PyTorch): one, unless the user sets them.
+#: Unset, every worker starts one thread per core: two workers on 2 cores ran 4 busy threads,
+#: and five rewrites took 180 s instead of 125 s. And BLAS sums in another order with another
+#: thread count (`batched_heads` in NumPy float32 is `bitwise` with one, `equivalent` with
+#: two), so with one thread a worker the verdicts are the same for any --jobs, on any
+#: machine, and under Ray; the parallelism is the workers'.
+THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
+def worker_threads() -> dict[str, str]:
+    """A worker's thread settings (THREADS): the user's own where set, else one."""
+    return {var: os.environ.get(var, "1") for var in THREADS}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """os.environ with `values` while a worker is spawned (it inherits the environment)."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class PoolFailed(RuntimeError):
@@ -95,13 +123,14 @@ class Worker:
     """One worker process, the task it runs and when that task must end, and the file its
     stdout and stderr go to (copied to the parent's stderr as it grows)."""
 
-    def __init__(self, ctx: Any, args: tuple, folder: str) -> None:
+    def __init__(self, ctx: Any, args: tuple, folder: str, threads: dict[str, str]) -> None:
         fd, self.log = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=folder)
         os.close(fd)
         self.conn, child = ctx.Pipe()
         self.process = ctx.Process(target=serve, args=(child, self.log, *args), daemon=True,
                                    name="attention-rewrites worker")  # fmt: skip
-        self.process.start()
+        with _environment(threads):
+            self.process.start()
         child.close()
         self.ready, self.task = False, None
         self.deadline = time.monotonic() + STARTUP_LIMIT
@@ -168,8 +197,10 @@ class Worker:
 
 
 class Pool:
-    def __init__(self, config: Config, gpt2_inputs: bool, include_plugins: bool, timeout: float) -> None:
-        self.config, self.gpt2_inputs, self.timeout = config, gpt2_inputs, timeout
+    def __init__(
+        self, config: Config, gpt2_inputs: bool, include_plugins: bool, timeout: float, threads: dict[str, str]
+    ) -> None:
+        self.config, self.gpt2_inputs, self.timeout, self.threads = config, gpt2_inputs, timeout, threads
         self.args = (*portable(config), gpt2_inputs, include_plugins)
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: list[Worker] = []
@@ -180,7 +211,7 @@ class Pool:
         """Each pending task's Done as it finishes, on `jobs` workers; workers still alive
         from an earlier run (idle, caches warm) are used again."""
         while len(self.workers) < jobs:
-            self.workers.append(Worker(self.ctx, self.args, self.logs.name))
+            self.workers.append(Worker(self.ctx, self.args, self.logs.name, self.threads))
         while pending or any(w.task for w in self.workers):
             for w in self.workers:
                 if w.ready and w.task is None and pending:
@@ -193,7 +224,7 @@ class Pool:
                     w.close()
                     self.workers.remove(w)
                     if pending:
-                        self.workers.append(Worker(self.ctx, self.args, self.logs.name))
+                        self.workers.append(Worker(self.ctx, self.args, self.logs.name, self.threads))
                 if done is not None:
                     yield done
 
