@@ -42,8 +42,8 @@ ECHO_EVERY = 1.0
 #: The thread counts of a worker's BLAS and OpenMP (PyTorch): one, unless the user sets them.
 #: Unset, every worker starts one thread per core: two workers on 2 cores ran 4 busy threads,
 #: and five rewrites took 180 s instead of 125 s. And BLAS sums in another order with another
-#: thread count (`batched_heads` in NumPy float32 is `bitwise` with one, `equivalent` with
-#: two), so with one thread a worker the verdicts are the same for any --jobs, on any
+#: thread count (`batched_heads` in NumPy float32 is `bitwise` with two, `equivalent` with
+#: one), so with one thread a worker the verdicts are the same for any --jobs, on any
 #: machine, and under Ray; the parallelism is the workers'.
 THREADS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
