@@ -12,10 +12,10 @@ import pytest
 import oracles
 from oracles import backends
 from oracles.problem import AttentionProblem
-from rewrites.common import array_namespace, causal, heads_qkv, project_out, softmax
+from rewrites.common import array_namespace, causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import builtin, rewrite
 from rewrites.verify import Inputs, Verdict
-from rewrites.verify.execute import reach, run_rewrite
+from rewrites.verify.execute import NONDETERMINISM, RewriteFailed, reach, run_rewrite
 from rewrites.verify.judge import References
 from rewrites.verify.record import Search, Stage
 from rewrites.verify.search import sweep
@@ -208,6 +208,30 @@ def test_an_overflowing_rewrite_is_judged_not_warned_of(backend):
         warnings.simplefilter("error")
         out = run_rewrite(rw, backend, "float32", p)
     assert not np.isfinite(out).all()
+
+
+def test_nondeterminism_in_one_dtype_leaves_the_others_their_verdicts():
+    """A rewrite whose float32 output changes from call to call is an `error` in float32
+    on every later call, and float64 (another program) is still run and judged. (On
+    NumPy: the noise is a Python side effect, which a compiled JAX program runs once.)"""
+    calls = [0]
+
+    def noisy_in_float32(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+        out = project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+        calls[0] += 1
+        return out * (1 + 2.0**-10) if out.dtype == np.float32 and calls[0] % 2 else out
+
+    rw = rewrite(family="test", claim="equivalent")(noisy_in_float32)
+    p = _dense(3)
+    first = run_rewrite(rw, "numpy", "float32", p)
+    with pytest.raises(RewriteFailed, match="nondeterministic: two calls on the same input differ"):
+        NONDETERMINISM.check(rw, "numpy", "float32", p, first)
+    with pytest.raises(RewriteFailed, match="nondeterministic"):  # known from now on: at once
+        run_rewrite(rw, "numpy", "float32", _dense(2))
+    out = run_rewrite(rw, "numpy", "float64", p)
+    NONDETERMINISM.check(rw, "numpy", "float64", p, out)  # float64 is deterministic: nothing raised
+    np.testing.assert_allclose(out, oracles.run("numpy", p, "float64"), rtol=1e-12, atol=1e-12)
 
 
 def test_result_round_trips_through_json():

@@ -61,7 +61,7 @@ def run_rewrite(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem
     impl = rw.implementation(backend)
     if impl is None:
         raise RewriteFailed(rw.load_error or f"{rw.name} has no implementation for {backend}")
-    known = NONDETERMINISM.known(rw, backend)
+    known = NONDETERMINISM.known(rw, backend, dtype)
     if known:
         raise RewriteFailed(known)
     freeze(problem)
@@ -204,16 +204,18 @@ def _namespace(a: Any) -> Any:
 
 class Nondeterminism:
     """What this process has seen of rewrites whose output changes between two calls on
-    the same input. Once seen, every later call of that rewrite on that backend fails at
-    once with the same message (naming the input it was seen on): a search that replays
-    or shrinks the failure gets one consistent answer, quickly."""
+    the same input. Once seen, every later call of that rewrite on that backend in that
+    dtype fails at once with the same message (naming the input it was seen on): a search
+    that replays or shrinks the failure gets one consistent answer, quickly. Other dtypes
+    keep their own verdicts: they run other programs (picoGPT's mask on JAX is
+    nondeterministic in float16 alone, where 0 * -1e10 is 0 * -inf)."""
 
     def __init__(self) -> None:
         self.confirmed: Counter[tuple] = Counter()  # failures that reproduced, per rewrite x backend x dtype
-        self.seen: dict[tuple, str] = {}  # rewrite x backend -> message
+        self.seen: dict[tuple, str] = {}  # rewrite x backend x dtype -> message
 
-    def known(self, rw: Rewrite, backend: str) -> str | None:
-        return self.seen.get((*rw.identity, backend))
+    def known(self, rw: Rewrite, backend: str, dtype: str) -> str | None:
+        return self.seen.get((*rw.identity, backend, dtype))
 
     def check(self, rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem, out: np.ndarray) -> None:
         """Run a failing input again; RewriteFailed if the two outputs differ."""
@@ -227,7 +229,7 @@ class Nondeterminism:
         message = (
             f"nondeterministic: two calls on the same input differ {_difference(out, again)} ({problem.describe()})"
         )
-        self.seen[(*rw.identity, backend)] = message
+        self.seen[key] = message
         raise RewriteFailed(message)
 
 

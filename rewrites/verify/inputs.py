@@ -158,6 +158,7 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
         dense(2, 1, 3, q=1e11, label="logits near 1e11 (picoGPT's -1e10 mask leaks)"),
+        dense(5, 2, 3, q=15, label="logits near 30 (exp overflows float16 from 11.1 on)"),
     ]
 
 

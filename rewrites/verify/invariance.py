@@ -140,7 +140,7 @@ def _on(rw: Rewrite, backend: str, dtype: str, source: Source) -> dict[str, Outc
 def _deterministic(
     rw: Rewrite, backend: str, dtype: str, source: Source, short: AttentionProblem, alone: np.ndarray
 ) -> Outcome:
-    known = NONDETERMINISM.known(rw, backend)  # seen in the searches already
+    known = NONDETERMINISM.known(rw, backend, dtype)  # seen in the searches already
     if known is None:
         try:
             NONDETERMINISM.check(rw, backend, dtype, short, alone)
