@@ -152,30 +152,41 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
 
 
 def _verdicts(config: pytest.Config) -> Callable:
-    """verdicts(rewrite, backend) -> its Results, one verify_one per pair, cached."""
-    from rewrites.verify import Config, Verifier
+    """verdicts(rewrite, backend) -> its Results, cached: each pair a task of `verify`'s
+    worker pool, kept for the session, so a plugin rewrite that crashes, exits or hangs is
+    that test's `error` and not the end of pytest, and its verdicts are computed as
+    `verify` computes them (one BLAS thread a worker: the same bitwise verdicts)."""
+    from collections import deque
+
+    from rewrites.verify import Config
+    from rewrites.verify.pool import Pool, Task, worker_threads
+    from rewrites.verify.workers import DEFAULT_TIMEOUT
 
     weights = config.getoption("gpt2_weights")
     report = config.getoption("rewrites_report") or _report_folder(config)
     examples = config.getoption("examples") or 30
     database = config.getoption("rewrites_database")
     database = None if database.lower() == "none" else database
-    verifier = Verifier(
-        Config(
-            examples=examples,
-            gpt2_weights=weights,
-            report_dir=Path(report),
-            dtypes=CLAIM_DTYPES,
-            database=database,
-            invariance=False,
-        )
-    )  # fmt: skip (invariances: `verify`'s report)
+    cfg = Config(
+        examples=examples,
+        gpt2_weights=weights,
+        report_dir=Path(report),
+        dtypes=CLAIM_DTYPES,
+        database=database,
+        invariance=False,  # invariances: `verify`'s report
+        device=config.getoption("device"),
+    )
     with_gpt2 = not config.getoption("no_gpt2") and _weights_found(weights)
     cache: dict[tuple, list[Result]] = {}
+    pool: list[Pool] = []  # started by the first test that needs it
 
     def get(rw: Any, backend: str) -> list[Result]:
         if (rw.identity, backend) not in cache:
-            cache[(rw.identity, backend)] = verifier.verify_one(rw, [backend], gpt2_inputs=with_gpt2)
+            if not pool:
+                pool.append(Pool(cfg, with_gpt2, True, DEFAULT_TIMEOUT, worker_threads()))
+                config.add_cleanup(pool[0].close)
+            done = next(pool[0].run(deque([Task(rw, backend)]), 1))
+            cache[(rw.identity, backend)] = done.results
         return cache[(rw.identity, backend)]
 
     return get
