@@ -150,6 +150,17 @@ def install_core_plugins(site: Path) -> None:
     )
 
 
+def test_a_rewrite_imported_by_another_catalogue_module_is_listed_once():
+    """The batch mutants are built on `batched_heads`, imported from heads.py: the
+    catalogue lists it once, under its own family, and no name is taken twice."""
+    from rewrites.catalogue import heads, mutants
+
+    assert mutants.batched_heads is heads.batched_heads
+    names = [r.name for r in registry.builtin()]
+    assert names.count("batched_heads") == 1 and len(names) == len(set(names))
+    assert {r.name: r.family for r in registry.catalogue(include_plugins=False)}["batched_heads"] == "heads"
+
+
 def test_a_core_level_plugin_is_verified_and_a_wrong_one_is_caught(site, tmp_path):
     """`level="core"`: fn(q, k, v) with the projections supplied; the README's example holds
     its claim, the same kernel without its mask is inequivalent."""

@@ -37,6 +37,17 @@ FAMILIES = (
     length_mutants,
     mutants,
 )
-CATALOGUE: tuple[Rewrite, ...] = tuple(
-    obj for family in FAMILIES for obj in vars(family).values() if isinstance(obj, Rewrite)
-)
+
+
+def _collect(modules: tuple) -> tuple[Rewrite, ...]:
+    """Each module's rewrites in order; one that a module imports from another (a mutant
+    built on `batched_heads`) is listed once, where it is first met."""
+    found: dict[int, Rewrite] = {}
+    for module in modules:
+        for obj in vars(module).values():
+            if isinstance(obj, Rewrite):
+                found.setdefault(id(obj), obj)
+    return tuple(found.values())
+
+
+CATALOGUE: tuple[Rewrite, ...] = _collect(FAMILIES)

@@ -2,6 +2,7 @@
 
 import math
 
+from rewrites.catalogue.heads import batched_heads
 from rewrites.catalogue.kv_cache import decode_step
 from rewrites.common import (
     array_namespace,
@@ -126,12 +127,6 @@ def mask_minus_1e4(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
 
 
-def _causal(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """Plain causal attention, [..., n_seq, n_embd] -> [..., n_seq, n_embd]."""
-    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
-
-
 @rewrite(family="mutant", claim="inequivalent")
 def microbatch_odd_item_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     """Batches in micro-batches of 2 that drop an odd last item (drop_last), left at zero.
@@ -139,10 +134,10 @@ def microbatch_odd_item_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_hea
     A single item runs alone, so batches of 1 and 2 are right; first fails with 3 items."""
     xp = array_namespace(x)
     items = xp.reshape(x, (-1, *x.shape[-2:]))  # [..., n_seq, n_embd] -> [B, n_seq, n_embd]
-    b, w = items.shape[0], (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    b, w, attend = items.shape[0], (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head), batched_heads.fn
     if b == 1:
-        return _causal(x, *w)
-    done = [_causal(items[i : i + 2], *w) for i in range(0, b - 1, 2)]  # whole pairs only: [2, n_seq, n_embd] each
+        return attend(x, *w)
+    done = [attend(items[i : i + 2], *w) for i in range(0, b - 1, 2)]  # whole pairs only: [2, n_seq, n_embd] each
     done += [xp.zeros_like(items[:1])] * (b % 2)  # the odd item out: [1, n_seq, n_embd]
     return xp.reshape(xp.concat(done, axis=0), x.shape)  # [B, n_seq, n_embd] -> [..., n_seq, n_embd]
 
@@ -154,10 +149,10 @@ def batch_dims_merged_transposed(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_he
     where either has one item."""
     xp, w = array_namespace(x), (c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
     if x.ndim != 4:
-        return _causal(x, *w)
+        return batched_heads.fn(x, *w)
     b1, b2, n, e = x.shape
     flat = xp.reshape(xp.permute_dims(x, (1, 0, 2, 3)), (b2 * b1, n, e))  # [b1, b2, n, e] -> [b2*b1, n, e]
-    return xp.reshape(_causal(flat, *w), (b1, b2, n, e))  # the bug: split as b1 x b2
+    return xp.reshape(batched_heads.fn(flat, *w), (b1, b2, n, e))  # the bug: split as b1 x b2
 
 
 @rewrite(family="mutant", claim="inequivalent")
@@ -166,9 +161,9 @@ def heads_in_pairs_odd_head_dropped(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n
 
     One head runs alone and every even count is right, GPT-2's 12 heads among them; first
     fails with 3 heads (GPT-2 XL has 25)."""
-    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n_seq, head_dim]
     if n_head == 1:
-        return project_out(xp, softmax(xp, logits(xp, q, k)) @ v, c_proj_w, c_proj_b)
+        return batched_heads.fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)  # [..., H, n_seq, head_dim]
     pair = lambda t, h: t[..., h : h + 2, :, :]  # [..., 2, n_seq, head_dim]
     done = [softmax(xp, logits(xp, pair(q, h), pair(k, h))) @ pair(v, h) for h in range(0, n_head - 1, 2)]
     done += [xp.zeros_like(v[..., :1, :, :])] * (n_head % 2)  # the odd head out
