@@ -251,6 +251,8 @@ def _run_verify(
     rank = {rw.identity: i for i, rw in enumerate(rewrites)}
     order = lambda r: (rank[(r.source, r.rewrite)], names.index(r.backend))  # catalogue order, not arrival
     stream = report.Stream(cfg.report_dir, meta, len(work), order)
+    if meta["gpt2_layers"] and not args.no_gpt2:  # said before the work, not after it
+        progress(f"real-layer verdicts {meta['gpt2_layers']}; pass --gpt2-weights FILE to run them")
     progress(f"verifying {len(rewrites)} rewrites on {', '.join(names)} ({args.examples} examples a search)")
     run = _Run(time.perf_counter(), meta)
     jobs = None
@@ -283,8 +285,6 @@ def _run_verify(
     print(report.summary(results))
     print(report.throughput_summary(run.meta()))
     print(f"\nreport written to {cfg.report_dir}/ (verdicts.json, verdicts.jsonl, verdicts.md, index.html)")
-    if meta["gpt2_layers"] and not args.no_gpt2:
-        progress(f"real-layer verdicts {meta['gpt2_layers']}; pass --gpt2-weights FILE to run them")
     if run.broken:
         progress(f"the verifier itself failed on {run.broken} rewrite x backend run(s); tracebacks above")
         return FAILED

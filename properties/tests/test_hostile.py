@@ -504,6 +504,7 @@ def test_without_weights_the_rest_runs_and_one_line_says_what_did_not(tmp_path, 
     err = capsys.readouterr().err
     said = [line for line in err.splitlines() if "not run" in line]
     assert len(said) == 1 and "GPT-2 weights not found" in said[0] and "--gpt2-weights" in said[0], err
+    assert err.index(said[0]) < err.index("verifying 1 rewrites"), err  # before the work, not after it
     meta, results = report_results(tmp_path / "r")
     assert meta["gpt2_layers"].startswith("not run: GPT-2 weights not found")
     assert {r.inputs for r in results} == {"hypothesis"}
