@@ -159,7 +159,7 @@ def _verdicts(config: pytest.Config) -> Callable:
     from collections import deque
 
     from rewrites.verify import Config
-    from rewrites.verify.pool import Pool, Task, worker_threads
+    from rewrites.verify.pool import Pool, Task
     from rewrites.verify.workers import DEFAULT_TIMEOUT
 
     weights = config.getoption("gpt2_weights")
@@ -183,7 +183,7 @@ def _verdicts(config: pytest.Config) -> Callable:
     def get(rw: Any, backend: str) -> list[Result]:
         if (rw.identity, backend) not in cache:
             if not pool:
-                pool.append(Pool(cfg, with_gpt2, True, DEFAULT_TIMEOUT, worker_threads()))
+                pool.append(Pool(cfg, with_gpt2, True, DEFAULT_TIMEOUT))
                 config.add_cleanup(pool[0].close)
             done = next(pool[0].run(deque([Task(rw, backend)]), 1))
             cache[(rw.identity, backend)] = done.results

@@ -25,6 +25,7 @@ from properties.tests.test_plugins import fake_distribution
 from rewrites import cli, registry
 from rewrites.report import JSONL, read_jsonl
 from rewrites.verify import Result
+from rewrites.verify.pool import THREADS
 
 ROOT = Path(__file__).resolve().parents[2]
 DIST = "hostile-plugin"
@@ -314,15 +315,14 @@ def tells_its_threads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
 
 @pytest.mark.parametrize("user", [None, "3"])
 def test_each_worker_computes_on_one_thread_unless_the_user_says(user, tiny_weights, tmp_path, monkeypatch):
-    """Workers on 4 cores: one BLAS and OpenMP thread each (unset, each would start 4, and
-    a bitwise verdict would depend on the machine); the user's own setting wins; the
+    """One BLAS and OpenMP thread a worker (unset, each would start one per core, and a
+    bitwise verdict would depend on the machine); the user's own setting wins; the
     parent's environment is left as it was."""
     fake_distribution(tmp_path, "threads-plugin", {"tells_its_threads": "threads_plugin:tells_its_threads"},
                       {"threads_plugin.py": THREADS_PLUGIN})  # fmt: skip
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
-    monkeypatch.setattr(os, "cpu_count", lambda: 4)
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    for var in THREADS:
         monkeypatch.delenv(var, raising=False) if user is None else monkeypatch.setenv(var, user)
     before = dict(os.environ)
     args = ["verify", "--report", str(tmp_path / "r"), "--examples", "2", "--no-gpt2", "--no-invariance",

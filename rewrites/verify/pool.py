@@ -198,9 +198,15 @@ class Worker:
 
 class Pool:
     def __init__(
-        self, config: Config, gpt2_inputs: bool, include_plugins: bool, timeout: float, threads: dict[str, str]
+        self,
+        config: Config,
+        gpt2_inputs: bool,
+        include_plugins: bool,
+        timeout: float,
+        threads: dict[str, str] | None = None,  # the workers' THREADS (default: worker_threads() here)
     ) -> None:
-        self.config, self.gpt2_inputs, self.timeout, self.threads = config, gpt2_inputs, timeout, threads
+        self.config, self.gpt2_inputs, self.timeout = config, gpt2_inputs, timeout
+        self.threads = worker_threads() if threads is None else threads
         self.args = (*portable(config), gpt2_inputs, include_plugins)
         self.ctx = multiprocessing.get_context("spawn")
         self.workers: list[Worker] = []

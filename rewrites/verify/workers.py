@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
-from rewrites.verify.pool import Done, Pool, Task, worker_threads
+from rewrites.verify.pool import Done, Pool, Task
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
@@ -42,10 +42,9 @@ def stream(
     Workers are stopped when the iteration ends, however it ends (Ctrl-C included)."""
     if not work:
         return
-    jobs = max(1, min(jobs, len(work)))
-    pool = Pool(config, gpt2_inputs, include_plugins, timeout, worker_threads())
+    pool = Pool(config, gpt2_inputs, include_plugins, timeout)
     try:
-        yield from pool.run(deque(work), jobs)
+        yield from pool.run(deque(work), max(1, min(jobs, len(work))))
     finally:
         pool.close()
 
