@@ -133,6 +133,23 @@ def shapes(
     )
 
 
+#: (batch, n_seq, n_head, head_dim)
+Shape = tuple[tuple[int, ...], int, int, int]
+
+
+def _menu(menu: Sequence[Shape]) -> list[Shape]:
+    """`menu` checked: a shape of positive sizes each (one line naming the bad entry)."""
+    checked = []
+    for entry in menu:
+        batch, *sizes = entry
+        if not (isinstance(batch, tuple) and all(isinstance(n, int) and n >= 1 for n in (*batch, *sizes))):
+            raise InvalidArgument(f"shape_menu entry {entry!r} is not (batch, n_seq, n_head, head_dim) of sizes >= 1")
+        checked.append(entry)
+    if not checked:
+        raise InvalidArgument("shape_menu is empty")
+    return checked
+
+
 def _rungs(ladder: Sequence[int], max_len: int | None) -> list[int]:
     rungs = {r for r in ladder if max_len is None or r <= max_len} | ({max_len} if max_len else set())
     if not rungs or min(rungs) < 1:
@@ -248,6 +265,7 @@ def attention_problems(
     head_shapes: Sequence[tuple[int, int]] | None = None,
     dense_above: int | None = None,
     limits: SizeLimits = SIZE_LIMITS,
+    shape_menu: Sequence[Shape] | None = None,
 ) -> AttentionProblem:
     """A synthetic attention problem.
 
@@ -257,7 +275,9 @@ def attention_problems(
     (a strategy such as `sequence_lengths()`, or a sequence of lengths) else from `max_seq`;
     then (n_head, head_dim) from `head_shapes` (else all pairs of `max_head` x `max_head_dim`,
     smallest n_embd first) and the batch from `batches`, keeping only those within `limits`
-    at that length. n_seq is at least `min_seq` either way.
+    at that length. Given `shape_menu`, (batch, n_seq, n_head, head_dim) is one of its
+    entries instead (shrinking moves towards the first): a fixed handful of shapes for a
+    backend that compiles per shape (JAX). n_seq is at least `min_seq` in every case.
 
     Values: by default every array is drawn elementwise in [-1, 1] (`unit_arrays`). With
     `dense_above` (0..1024), each problem draws `dense_above` such values, which x, c_attn_w,
@@ -272,7 +292,10 @@ def attention_problems(
     """
     if dense_above is not None and not 0 <= dense_above <= 1024:
         raise InvalidArgument(f"{dense_above=}: each small array draws that many values; keep it within 0..1024")
-    if lengths is None and head_shapes is None:
+    if shape_menu is not None:
+        batch, n_seq, n_head, head_dim = draw(st.sampled_from(_menu(shape_menu)))
+        n_seq = max(n_seq, min_seq)
+    elif lengths is None and head_shapes is None:
         batch, n_seq, n_head, head_dim = draw(
             shapes(max_seq=max_seq, max_head=max_head, max_head_dim=max_head_dim, batches=batches)
         )
@@ -315,6 +338,7 @@ def long_attention_problems(
     min_seq: int = 1,
     dense_above: int = DENSE_ABOVE,
     limits: SizeLimits = SIZE_LIMITS,
+    shape_menu: Sequence[Shape] | None = None,
 ) -> st.SearchStrategy[AttentionProblem]:
     """Synthetic problems at the lengths where rewrites change behaviour, with dense values.
 
@@ -327,7 +351,8 @@ def long_attention_problems(
     of 2 stop at 836 tokens (591 in a batch). Arrays of more than `dense_above` elements
     (and any that do not fit in the `dense_above` elementwise values the problem draws) are
     N(0, 1) from one drawn seed, labelled e.g. "synthetic dense seed=123 x*1 w*1"; the rest
-    as in `attention_problems`.
+    as in `attention_problems`. With `shape_menu`, the shape is one of its entries instead
+    (see `attention_problems`).
     """
     return attention_problems(
         lengths=sequence_lengths(ladder=ladder, max_len=max_len, between=between),
@@ -339,6 +364,7 @@ def long_attention_problems(
         min_seq=min_seq,
         dense_above=dense_above,
         limits=limits,
+        shape_menu=shape_menu,
     )
 
 

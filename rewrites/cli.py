@@ -297,11 +297,14 @@ class _Run:
     def __init__(self, start: float, meta: dict) -> None:
         self.start, self.base = start, meta
         self.throughput: list = []
+        self.units: list[dict] = []  # each rewrite x backend's seconds and compilations, as they finished
         self.compilations = self.broken = 0
 
     def add(self, done: Done) -> None:
         self.throughput += done.throughput
         self.compilations += done.compilations
+        self.units.append(dict(rewrite=done.task.rewrite.name, backend=done.task.backend, seconds=done.seconds,
+                               compilations=done.compilations))  # fmt: skip
         if done.internal:
             self.broken += 1
             print(done.internal, file=sys.stderr, end="")
@@ -309,7 +312,8 @@ class _Run:
     def meta(self) -> dict:
         seconds = round(time.perf_counter() - self.start, 1)
         throughput = [t.__dict__ for t in self.throughput]
-        return {**self.base, "seconds": seconds, "compilations": self.compilations, "throughput": throughput}
+        return {**self.base, "seconds": seconds, "compilations": self.compilations, "throughput": throughput,
+                "units": self.units}  # fmt: skip
 
 
 def _task_line(k: int, n: int, done: Done, start: float) -> str:

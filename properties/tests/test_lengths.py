@@ -65,3 +65,30 @@ def test_every_length_mutant_has_a_stated_threshold():
     from rewrites.registry import builtin
 
     assert {rw.name for rw in builtin() if rw.family == "length_mutant"} == set(FIRST_FAILS_AT)
+
+
+def test_a_backend_that_compiles_per_shape_searches_a_handful_of_shapes_and_still_finds_length_faults(tmp_path):
+    """JAX compiles a rewrite once per shape and dtype, so `verify` draws its problems from
+    a fixed menu (inputs.FEW_SHORT, FEW_LONG) instead of ~30 shapes a search: a correct
+    rewrite and the oracle it is compared with bit for bit compile no more programs each
+    than the menus hold shapes (drawn freely, these 32 examples compiled 44 programs), and
+    a length fault is still found by the search alone, at its exact first failing length."""
+    from oracles import backends
+    from rewrites.registry import builtin
+    from rewrites.verify import Config, Verifier, inputs
+
+    compiling = [b for b in backends.available() if backends.get(b).compiles]
+    if not compiling:
+        pytest.skip("no installed backend compiles per shape")
+    config = Config(examples=16, dtypes=("float64",), explicit_examples=False, invariance=False, report_dir=tmp_path)
+    catalogue = {rw.name: rw for rw in builtin()}
+    menus = len(inputs.FEW_SHORT) + len(inputs.FEW_LONG)
+    for name in compiling:
+        be = backends.get(name)
+        before = be.compilations()
+        (r,) = Verifier(config).hypothesis_results(catalogue["batched_heads"], name)
+        assert r.verdict in (Verdict.BITWISE, Verdict.EQUIVALENT) and r.examples > menus, r
+        assert be.compilations() - before <= 2 * menus
+        (r,) = Verifier(config).hypothesis_results(catalogue["tiles_64_tail_dropped"], name)
+        assert r.verdict is Verdict.INEQUIVALENT and r.counterexample.first_fails_at == 65, r
+        be.release()

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, Phase, find, given, settings
-from hypothesis.errors import InvalidArgument
+from hypothesis.errors import InvalidArgument, NoSuchExample
 
 from properties.strategies import (
     BATCHES,
@@ -123,3 +123,45 @@ def test_lengths_and_head_shapes_are_kept_within_the_limits(p):
 def test_no_head_shape_that_fits_is_an_error():
     with pytest.raises(InvalidArgument, match="no head shape"):
         find(attention_problems(lengths=[100], head_shapes=[(12, 64)]), lambda p: True, settings=SEARCH)
+
+
+MENU = (((), 1, 1, 1), ((3, 5), 7, 7, 2), ((), 300, 2, 64))
+
+
+@settings(SEARCH, max_examples=50)
+@given(p=long_attention_problems(shape_menu=MENU))
+def test_a_shape_menu_gives_its_shapes_only(p):
+    assert (p.x.shape[:-2], p.n_seq, p.n_head, p.head_dim) in MENU
+
+
+def test_a_shape_menu_shrinks_to_its_first_failing_entry_and_names_a_bad_one():
+    assert find(long_attention_problems(shape_menu=MENU), lambda p: p.n_seq > 5, settings=SEARCH).n_seq == 7
+    assert find(long_attention_problems(shape_menu=MENU), lambda p: p.n_embd > 14, settings=SEARCH).n_seq == 300
+    with pytest.raises(InvalidArgument, match=r"shape_menu entry \(\(\), 0, 1, 1\)"):
+        find(attention_problems(shape_menu=[((), 0, 1, 1)]), lambda p: True, settings=SEARCH)
+    with pytest.raises(InvalidArgument, match="shape_menu is empty"):
+        find(attention_problems(shape_menu=[]), lambda p: True, settings=SEARCH)
+
+
+def test_the_few_shapes_searches_see_every_shape_of_their_menus_within_the_limits():
+    """On a backend that compiles per shape, `verify`'s searches draw from FEW_SHORT and
+    FEW_LONG (bands of two shapes each): the formula search (moderate inputs, float64) and
+    each dtype's own search meet every shape of their menus in their examples, and every
+    shape is one the free draws could take (within SIZE_LIMITS)."""
+    from rewrites.verify import Config, inputs
+    from rewrites.verify.search import without_local_constants
+
+    without_local_constants()  # as `verify` draws
+    few, examples = inputs.FULL.few_shapes, Config().examples
+    for shape in (*inputs.FEW_SHORT, *inputs.FEW_LONG):
+        assert SIZE_LIMITS.allows(shape[0], *shape[1:]), shape
+    for bands, menu in [(few.moderate, inputs.FEW_SHORT + inputs.FEW_LONG),
+                        (few.extreme, inputs.FEW_SHORT + inputs.FEW_LONG),
+                        (few.extreme_for("float16"), inputs.FEW_SHORT)]:  # fmt: skip
+        seen: set = set()
+        record = lambda p, seen=seen: seen.add((p.x.shape[:-2], p.n_seq, p.n_head, p.head_dim)) and False
+        for i, band in enumerate(bands):
+            share = examples * (i + 1) // len(bands) - examples * i // len(bands)
+            with pytest.raises(NoSuchExample):
+                find(band, record, settings=settings(SEARCH, max_examples=share, phases=[Phase.generate]))
+        assert seen == set(menu)

@@ -69,8 +69,7 @@ class Verifier:
             self._known_hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
-            profile = self.config.profile
-            bands = profile.moderate if stage is Stage.FORMULA else profile.extreme_for(dtype)
+            bands = self.config.profile.on(backends.get(backend)).bands(stage is Stage.FORMULA, dtype)
             explicit = ([first.failure] if first else []) + self._known_hard[stage]
             if rw.kv_heads != "all":  # grouped-KV kernels see problems with tied k, v heads
                 bands, explicit = tuple(b.map(rw.takes) for b in bands), [rw.takes(p) for p in explicit]

@@ -57,23 +57,77 @@ class Profile:
     extreme: Bands  # Stage.DTYPE: each dtype, extreme magnitudes and large logits too
     real_n_seq: int | None  # None: `real_plan`'s lengths up to the full context; N: every layer at N
     extreme_half: Bands | None = None  # Stage.DTYPE in float16/bfloat16 (default: `extreme`)
+    #: The same searches for a backend that compiles per shape (`Backend.compiles`): shapes
+    #: from a fixed menu (default: this profile's own)
+    few_shapes: Profile | None = None
 
     def extreme_for(self, dtype: str) -> Bands:
         return self.extreme if dtype in CLAIM_DTYPES or self.extreme_half is None else self.extreme_half
+
+    def bands(self, stage_is_formula: bool, dtype: str) -> Bands:
+        """The bands of one search: moderate inputs for the formula, else the dtype's own."""
+        return self.moderate if stage_is_formula else self.extreme_for(dtype)
+
+    def on(self, backend: backends.Backend) -> Profile:
+        """This profile as `backend` runs it: its few-shapes form where each shape compiles."""
+        return self.few_shapes if backend.compiles and self.few_shapes is not None else self
 
 
 SHORT_BAND = tuple(n for n in LENGTH_LADDER if n <= HALF_MAX_LEN)  # 1 .. 257
 LONG_BAND = tuple(n for n in LENGTH_LADDER if n >= 255)  # 255 .. 2049
 _EXTREME = dict(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
 
+#: The shapes (batch, n_seq, n_head, head_dim) of a search on a backend that compiles each
+#: rewrite once per shape and dtype (JAX), simplest first. Drawn freely, a rewrite's five
+#: searches took about 100 distinct shapes, each a compilation (~155 a rewrite with the
+#: real layers; cold, most of JAX's time). These cover the kinds of fault the free draws
+#: do, fewer times: one token; a batch of 3 x 5 (odd, more than 4, two dimensions) with 7
+#: heads (a remainder in groups of 2 to 6); 12 heads; head_dim 64 and 128; GPT-2's width;
+#: lengths past each power of two from 16 to 2048 and off the ladder (100, 300, 1000), so
+#: tiles, windows and thresholds of any size to 2048 are crossed with a partial last tile.
+#: The formula and dtype searches share them (float64 compiles each once).
+FEW_SHORT = (
+    ((), 1, 1, 1),
+    ((3, 5), 7, 7, 2),
+    ((2,), 17, 12, 2),
+    ((), 33, 2, 64),
+    ((2, 1), 64, 12, 64),
+    ((), 100, 1, 128),
+    ((2,), 129, 4, 32),
+    ((), 257, 2, 64),
+)
+FEW_LONG = (
+    ((), 300, 12, 2),
+    ((2,), 513, 2, 64),
+    ((), 1000, 1, 128),
+    ((), 1025, 4, 32),
+    ((2,), 2048, 1, 64),
+    ((), 2049, 2, 3),
+)
+
+
+def _profile(name: str, short: Sequence[dict], long: Sequence[dict], few_shapes: Profile | None = None) -> Profile:
+    """Bands of `long_attention_problems` with these arguments: the short ones (1..257
+    tokens) and the long ones (255..2049), or the short ones alone in half precision."""
+    bands = lambda kinds, **magnitudes: tuple(long_attention_problems(**k, **magnitudes) for k in kinds)
+    return Profile(name, bands([*short, *long]), bands([*short, *long], **_EXTREME), None, bands(short, **_EXTREME),
+                   few_shapes)  # fmt: skip
+
+
+def _pairs(menu: Sequence) -> list[dict]:
+    """A band for each two shapes of a menu: Hypothesis draws a menu's first shape about
+    half the time, and a band of four shapes with 7 examples left shapes out."""
+    return [dict(shape_menu=menu[i : i + 2]) for i in range(0, len(menu), 2)]
+
+
 #: What `verify` runs: half of each search's examples at 1..257 tokens, half at 255..2049
 #: (both with lengths between the rungs too), head_dim to 128, 12 heads; real layers at 1024.
-FULL = Profile(
+#: On JAX the same searches draw their shapes from FEW_SHORT and FEW_LONG.
+FULL = _profile(
     "full",
-    (long_attention_problems(ladder=SHORT_BAND), long_attention_problems(ladder=LONG_BAND)),
-    (long_attention_problems(ladder=SHORT_BAND, **_EXTREME), long_attention_problems(ladder=LONG_BAND, **_EXTREME)),
-    None,
-    (long_attention_problems(ladder=SHORT_BAND, **_EXTREME),),
+    [dict(ladder=SHORT_BAND)],
+    [dict(ladder=LONG_BAND)],
+    _profile("full, few shapes", _pairs(FEW_SHORT), _pairs(FEW_LONG)),
 )
 # Few distinct short shapes (JAX compiles per shape); still two heads, head_dim > 1, a partial tile.
 _SHORT_SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))

@@ -16,6 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
+import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -149,7 +150,7 @@ def stream(
 
         def submit(actor: Any) -> None:
             task = pending.popleft()
-            running[actor.run.remote(task.rewrite.identity, task.backend)] = (actor, task)
+            running[actor.run.remote(task.rewrite.identity, task.backend)] = (actor, task, time.monotonic())
 
         try:
             for _ in range(n):
@@ -157,7 +158,7 @@ def stream(
                 submit(actors[-1])
             while running:
                 [ref], _ = ray.wait(list(running), num_returns=1)
-                actor, task = running.pop(ref)
+                actor, task, started = running.pop(ref)
                 try:
                     done = _done(task, ray.get(ref), config, gpt2_inputs)
                 except ray.exceptions.RayActorError as e:  # lost more than RETRIES times, or cannot start there
@@ -166,7 +167,7 @@ def stream(
                     done = Done(task, error_results(task, config, gpt2_inputs, why), failure=why)
                     ray.kill(actor)
                     actors[actors.index(actor)] = actor = unit.remote(*args)
-                yield done
+                yield dataclasses.replace(done, seconds=round(time.monotonic() - started, 3))
                 if pending:
                     submit(actor)
         finally:

@@ -90,6 +90,7 @@ class Done:
     compilations: int = 0
     failure: str | None = None  # how the task ended without verdicts of its own (timeout, exit status...)
     internal: str | None = None  # the verifier itself raised: its traceback (a bug in this tool)
+    seconds: float = 0.0  # from the task handed out to its result back (set by the executor)
 
 
 def error_results(task: Task, config: Config, gpt2_inputs: bool, message: str) -> list[Result]:
@@ -138,7 +139,8 @@ class Worker:
 
     def start(self, task: Task, timeout: float) -> None:
         self.echo()
-        self.task, self.deadline, self.task_start = task, time.monotonic() + timeout, self.echoed
+        self.started = time.monotonic()
+        self.task, self.deadline, self.task_start = task, self.started + timeout, self.echoed
         self.conn.send((task.rewrite.identity, task.backend))
 
     def echo(self) -> None:
@@ -232,7 +234,7 @@ class Pool:
                     if pending:
                         self.workers.append(Worker(self.ctx, self.args, self.logs.name, self.threads))
                 if done is not None:
-                    yield done
+                    yield dataclasses.replace(done, seconds=round(time.monotonic() - w.started, 3))
 
     def _wait(self) -> None:
         """Until a worker says something or ends, or the nearest deadline."""
