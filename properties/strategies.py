@@ -139,15 +139,13 @@ Shape = tuple[tuple[int, ...], int, int, int]
 
 def _menu(menu: Sequence[Shape]) -> list[Shape]:
     """`menu` checked: a shape of positive sizes each (one line naming the bad entry)."""
-    checked = []
     for entry in menu:
         batch, *sizes = entry
         if not (isinstance(batch, tuple) and all(isinstance(n, int) and n >= 1 for n in (*batch, *sizes))):
             raise InvalidArgument(f"shape_menu entry {entry!r} is not (batch, n_seq, n_head, head_dim) of sizes >= 1")
-        checked.append(entry)
-    if not checked:
+    if not menu:
         raise InvalidArgument("shape_menu is empty")
-    return checked
+    return list(menu)
 
 
 def _rungs(ladder: Sequence[int], max_len: int | None) -> list[int]:

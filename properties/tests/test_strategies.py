@@ -149,7 +149,7 @@ def test_the_few_shapes_searches_see_every_shape_of_their_menus_within_the_limit
     each dtype's own search meet every shape of their menus in their examples, and every
     shape is one the free draws could take (within SIZE_LIMITS)."""
     from rewrites.verify import Config, inputs
-    from rewrites.verify.search import without_local_constants
+    from rewrites.verify.search import band_share, without_local_constants
 
     without_local_constants()  # as `verify` draws
     few, examples = inputs.FULL.few_shapes, Config().examples
@@ -161,7 +161,7 @@ def test_the_few_shapes_searches_see_every_shape_of_their_menus_within_the_limit
         seen: set = set()
         record = lambda p, seen=seen: seen.add((p.x.shape[:-2], p.n_seq, p.n_head, p.head_dim)) and False
         for i, band in enumerate(bands):
-            share = examples * (i + 1) // len(bands) - examples * i // len(bands)
+            share = band_share(examples, i, len(bands))
             with pytest.raises(NoSuchExample):
                 find(band, record, settings=settings(SEARCH, max_examples=share, phases=[Phase.generate]))
         assert seen == set(menu)

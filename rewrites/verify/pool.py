@@ -133,7 +133,7 @@ class Worker:
         with _environment(threads):
             self.process.start()
         child.close()
-        self.ready, self.task = False, None
+        self.ready, self.task, self.started = False, None, 0.0  # started: when the current task was handed out
         self.deadline = time.monotonic() + STARTUP_LIMIT
         self.echoed = self.task_start = 0  # bytes of the log copied out; where the current task's begin
 

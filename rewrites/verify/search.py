@@ -45,6 +45,11 @@ def without_local_constants() -> None:
 SHRINK_EXAMPLES_PER_EXAMPLE = 4
 
 
+def band_share(examples: int, i: int, bands: int) -> int:
+    """The examples band i of `bands` gets of a search's `examples` (shares differ by one at most)."""
+    return examples * (i + 1) // bands - examples * i // bands
+
+
 class _ShrinkBudgetSpent(Exception):
     """Raised inside Hypothesis's shrinker to stop it: the smallest failure so far is kept."""
 
@@ -106,7 +111,7 @@ def hypothesis_search(
     for i, strategy in enumerate(bands):
         if s.failure is not None:
             break
-        share = examples * (i + 1) // len(bands) - examples * i // len(bands)
+        share = band_share(examples, i, len(bands))
         try:
             seeded = None if seed is None else random.Random(seed)
             with warnings.catch_warnings():  # the repr of a batched problem's arrays: never shown here
