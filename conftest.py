@@ -37,7 +37,7 @@ pytest_plugins = ["pytester"]  # properties/tests/test_pytest_plugin.py runs pyt
 
 #: Examples a verdict search takes here (`--examples`, from rewrites/pytest_plugin.py, which
 #: registers the options): fewer than `verify`'s 30, the known hard cases being explicit.
-EXAMPLES = 20
+EXAMPLES = 20  # properties/tests/test_strategies.py checks the quick menus at this many
 
 
 def _selected_backends(config: pytest.Config) -> list[str]:
@@ -134,6 +134,11 @@ _VERDICTS: dict[tuple[str, str], list] = {}
 #: `verify` searches JAX at real lengths), get the quick profile (short shapes).
 LENGTH_FAMILIES = ("tiles", "length_mutant", "split_kv", "paged_kv")
 LENGTH_EXAMPLES = 16
+#: The real layer every rewrite sees at 1024 and (the next) at 1000 tokens here. `verify`
+#: spreads them over all 12 by rewrite and backend; pinned, their float64 truths and bounds
+#: (7-11 s a layer and dtype, cold) are computed once a run instead of once a rewrite.
+#: All 12 layers at 1024 are checked against the oracles in test_oracles.py.
+REAL_LAYER = 5
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +157,7 @@ def verifiers(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
                 profile=profile,
                 explicit_examples=explicit,
                 invariance=False,  # measured by `verify`; its rule is tested in test_invariance.py
+                real_layer=REAL_LAYER,
             )
         )
 

@@ -17,7 +17,7 @@ from hypothesis import assume
 import oracles
 from oracles.problem import AttentionProblem
 from oracles.reference import Reference, excess, reference
-from oracles.reference import truth_for as truth_for  # re-exported: rewrites/verify.py, test_oracles.py
+from oracles.reference import truth_for as truth_for  # re-exported for the tests (test_reference.py)
 from oracles.truth import Truth
 
 Runner = Callable[[AttentionProblem], np.ndarray]

@@ -244,3 +244,18 @@ def test_result_round_trips_through_json():
     assert {type(d[k]) for k in ("inputs", "claim", "verdict")} == {str}  # pytest-xdist sends no enums
     back = Result.from_json(d)
     assert back == r and back.verdict is Verdict.INEQUIVALENT and back.counterexample.first_fails_at == 301
+
+
+def test_a_pinned_real_layer_is_every_rewrite_s_long_layer_and_a_bad_one_is_refused():
+    """Config.real_layer (pytest's): every rewrite and backend sees that layer at 1024 and
+    the next at 1000 (256 in half precision), so their truths are computed once; unpinned,
+    the plan spreads them by rewrite and backend; a layer the weights lack is one error."""
+    from rewrites.verify import inputs
+
+    long = lambda plan: [(r.layer, r.n_seq) for r in plan if r.n_seq > inputs.SHORT]
+    pairs = [(rw.name, b) for rw in builtin()[:6] for b in backends.NAMES]
+    assert {tuple(long(inputs.real_plan(n, b, "float32", 12, pinned=5))) for n, b in pairs} == {((5, 1024), (6, 1000))}
+    assert {tuple(long(inputs.real_plan(n, b, "float16", 12, pinned=11))) for n, b in pairs} == {((11, 256),)}
+    assert len({tuple(long(inputs.real_plan(n, b, "float32", 12))) for n, b in pairs}) > 1
+    with pytest.raises(ValueError, match=r"real layer 12: the weights have layers 0\.\.11"):
+        inputs.real_plan("batched_heads", "numpy", "float32", 12, pinned=12)

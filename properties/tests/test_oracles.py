@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 
 import oracles
 from oracles import backends
+from oracles.reference import reference
 from oracles.truth import block_ground_truth
-from properties.checks import assert_within, matches_truth, oracle_runner, truth_for
+from properties.checks import assert_within, matches_truth, oracle_runner
 from properties.strategies import EXTREME, attention_problems, gpt2_problems
 
 
@@ -70,24 +71,25 @@ FULL_CONTEXT = 1024
 
 
 @pytest.fixture(scope="session")
-def full_context_streams(gpt2_weights) -> list[np.ndarray]:
-    """The residual stream entering each real layer at n_seq 1024 (the attention path)."""
-    x0 = oracles.gpt2.synthetic_stream(gpt2_weights, FULL_CONTEXT, seed=0)
-    return oracles.gpt2.attention_path(gpt2_weights, x0, gpt2_weights.config.n_layer - 1)
+def full_context_layers(gpt2_weights) -> list[oracles.AttentionProblem]:
+    """Each real layer's problem at n_seq 1024: the attention path's residual stream through
+    the real ln_1, as the verdicts see it (computed once, kept on disk, shared with them)."""
+    from rewrites.verify.inputs import RealLayers
+
+    return RealLayers(gpt2_weights, FULL_CONTEXT).full
 
 
 @pytest.mark.parametrize("layer", range(12), ids=lambda i: f"layer{i}")
-def test_real_gpt2_layers_at_full_context_float32(gpt2_weights, full_context_streams, pytestconfig, layer):
-    """All 12 real sublayers at n_seq 1024, float32, every installed backend, on the real
-    attention path's residual stream through the real ln_1."""
-    real = gpt2_weights.layer(layer)
-    problem = real.problem(oracles.truth.layer_norm(full_context_streams[layer], real.ln_g, real.ln_b, real.eps))
+def test_real_gpt2_layers_at_full_context_float32(full_context_layers, pytestconfig, layer):
+    """All 12 real sublayers at n_seq 1024, float32, every installed backend. The truth and
+    its tolerance come from the cache the verdicts use (the same content, the same values)."""
+    problem = full_context_layers[layer]
     ran = 0
     for backend in pytestconfig.getoption("backend") or backends.available():
         if backends.unavailable_reason(backend):
             continue
-        truth = truth_for(problem, backend, "float32")
-        assert_within(oracles.run(backend, problem, "float32"), truth.out, truth.tolerance("float32"), f"{backend}")
+        ref = reference(problem, backend, "float32")
+        assert_within(oracles.run(backend, problem, "float32"), ref.out, ref.tolerance, f"{backend}")
         ran += 1
     assert ran, "no backend ran"
 

@@ -143,21 +143,28 @@ def test_a_shape_menu_shrinks_to_its_first_failing_entry_and_names_a_bad_one():
         find(attention_problems(shape_menu=[]), lambda p: True, settings=SEARCH)
 
 
+#: The fewest examples a quick search takes: pytest's (conftest.EXAMPLES)
+QUICK_EXAMPLES = 20
+
+
 def test_the_few_shapes_searches_see_every_shape_of_their_menus_within_the_limits():
     """On a backend that compiles per shape, `verify`'s searches draw from FEW_SHORT and
-    FEW_LONG (bands of two shapes each): the formula search (moderate inputs, float64) and
-    each dtype's own search meet every shape of their menus in their examples, and every
-    shape is one the free draws could take (within SIZE_LIMITS)."""
+    FEW_LONG, pytest's quick ones from QUICK_SHAPES (bands of two shapes each): the formula
+    search (moderate inputs, float64) and each dtype's own search meet every shape of their
+    menus in their examples, and every shape is one the free draws could take (within
+    SIZE_LIMITS)."""
     from rewrites.verify import Config, inputs
     from rewrites.verify.search import band_share, without_local_constants
 
     without_local_constants()  # as `verify` draws
-    few, examples = inputs.FULL.few_shapes, Config().examples
-    for shape in (*inputs.FEW_SHORT, *inputs.FEW_LONG):
+    few, quick, full = inputs.FULL.few_shapes, inputs.QUICK.few_shapes, Config().examples
+    for shape in (*inputs.FEW_SHORT, *inputs.FEW_LONG, *inputs.QUICK_SHAPES):
         assert SIZE_LIMITS.allows(shape[0], *shape[1:]), shape
-    for bands, menu in [(few.moderate, inputs.FEW_SHORT + inputs.FEW_LONG),
-                        (few.extreme, inputs.FEW_SHORT + inputs.FEW_LONG),
-                        (few.extreme_for("float16"), inputs.FEW_SHORT)]:  # fmt: skip
+    for bands, menu, examples in [(few.moderate, inputs.FEW_SHORT + inputs.FEW_LONG, full),
+                                  (few.extreme, inputs.FEW_SHORT + inputs.FEW_LONG, full),
+                                  (few.extreme_for("float16"), inputs.FEW_SHORT, full),
+                                  (quick.moderate, inputs.QUICK_SHAPES, QUICK_EXAMPLES),
+                                  (quick.extreme, inputs.QUICK_SHAPES, QUICK_EXAMPLES)]:  # fmt: skip
         seen: set = set()
         record = lambda p, seen=seen: seen.add((p.x.shape[:-2], p.n_seq, p.n_head, p.head_dim)) and False
         for i, band in enumerate(bands):

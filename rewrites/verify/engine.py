@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 class Config:
     examples: int = 30  # Hypothesis examples per search (effort in examples, not seconds: reproducible)
     gpt2_n_seq: int | None = None  # None: the real-layer plan of inputs.py; N: every layer at N tokens
+    real_layer: int | None = None  # None: the plan's layer per rewrite and backend; N: layer N for all
     gpt2_weights: str | None = None
     report_dir: Path = Path("report")
     dtypes: tuple[str, ...] = backends.DTYPES
@@ -109,7 +110,8 @@ class Verifier:
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             if stage is Stage.DTYPE and dtype == "float64" and first is None and passed64:
                 return dataclasses.replace(passed64[0], stage=Stage.DTYPE, examples=0, seconds=0.0)
-            plan = inputs.real_plan(rw.name, backend, dtype, len(self.real_layers().full), self.real_n_seq)
+            n_layer, pinned = len(self.real_layers().full), self.config.real_layer
+            plan = inputs.real_plan(rw.name, backend, dtype, n_layer, self.real_n_seq, pinned)
             problems = ([(first.layer, first.failure)] if first else []) + self.real_layers().problems(plan)
             # as is, unless grouped KV (heads tied) or padded or packed (a fixed layout)
             problems = [(layer, inputs.with_layout(rw.takes(p), rw.layout)) for layer, p in problems]
@@ -181,7 +183,8 @@ class Verifier:
         sources = [invariance.synthetic()]
         if gpt2_inputs and self.real_layers().full[0].n_seq >= invariance.PREFIX[1]:  # not with --gpt2-n-seq 16
             layers = self.real_layers().full
-            sources.append(invariance.real(layers, inputs.real_layer(rw.name, backend, len(layers))))
+            layer = inputs.real_layer(rw.name, backend, len(layers), self.config.real_layer)
+            sources.append(invariance.real(layers, layer))
         dtypes = dict.fromkeys(r.dtype for r in rs)
         found = {d: dataclasses.asdict(invariance.measure(rw, backend, d, sources)) for d in dtypes}
         return [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
