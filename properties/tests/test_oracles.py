@@ -67,14 +67,11 @@ def _tiny_problem() -> oracles.AttentionProblem:
     )
 
 
-FULL_CONTEXT = 1024
-
-
 @pytest.fixture(scope="session")
 def full_context_layers(gpt2_weights) -> list[oracles.AttentionProblem]:
     """Each real layer's problem at n_seq 1024: the attention path's residual stream through
     the real ln_1, as the verdicts see it (computed once, kept on disk, shared with them)."""
-    from rewrites.verify.inputs import RealLayers
+    from rewrites.verify.inputs import FULL_CONTEXT, RealLayers
 
     return RealLayers(gpt2_weights, FULL_CONTEXT).full
 
