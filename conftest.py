@@ -19,7 +19,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: the workers 
 import pytest
 from hypothesis import HealthCheck, settings
 
-from oracles import backends, gpt2
+from oracles import backends, gpt2, heap
 from rewrites.verify import without_local_constants
 
 _COMMON = dict(
@@ -96,6 +96,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    heap.retain_freed_memory()  # each xdist worker judges at 1024 tokens, again and again: oracles/heap.py
     config.addinivalue_line("markers", "dtypes(*names): run this backend/dtype test only in these dtypes")
     config.addinivalue_line("markers", "families(*names): run this rewrite test only for these families")
     config.addinivalue_line("markers", "layouts(*names): run this rewrite test only for rewrites of these layouts")

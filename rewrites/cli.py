@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from oracles import backends, gpt2
+from oracles import backends, gpt2, heap
 from rewrites.report import markdown_table
 
 if TYPE_CHECKING:
@@ -660,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else USAGE
     try:
         backends.use_device(getattr(args, "device", "cpu"))
+        heap.retain_freed_memory()  # truths at 1024 tokens, again and again: oracles/heap.py
         return args.run(args)
     except BrokenPipeError:  # `attention-rewrites list | head -1`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
