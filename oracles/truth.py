@@ -28,6 +28,7 @@ dtype cannot be held to anything there, and the input says nothing about a rewri
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -81,23 +82,46 @@ class Precision:
         """Error from storing v in this dtype: u|v| plus, as in the standard underflow model
         (Higham, sec. 2.1) with flush-to-zero, up to `tiny` for any operation, since an
         equivalent program may underflow in intermediates the reference does not have."""
-        return self.u * np.abs(v) + TINY[self.dtype]
+        return self.store_abs(np.abs(v))
 
-    def linear(self, A, eA, B, eB, y, bias=None, aB=None) -> np.ndarray:
-        """Error of y = A @ B + bias, given errors eA, eB of the operands (0.0: none), and
-        aB = |B| where the caller has it.
+    def store_abs(self, a: np.ndarray) -> np.ndarray:
+        """store(v) from a = |v|."""
+        return self.u * a + TINY[self.dtype]
+
+    def linear(self, product: Product, eA, eB) -> np.ndarray:
+        """Error of y = A @ B + bias (`product`), given errors eA, eB of the operands (0.0: none).
 
         A kernel may accumulate onto the bias (BLAS gemm with beta=1, torch.addmm), so the
         bias is one more term of the inner product: gamma(n + 1) (|A||B| + |bias|)."""
-        n = A.shape[-1] + (bias is not None)
-        aA, aB = np.abs(A), np.abs(B) if aB is None else aB
-        magnitude = aA @ aB + (0.0 if bias is None else np.abs(bias))
-        if magnitude.max(initial=0.0) > 0.5 * MAX[ACCUMULATOR[self.dtype]]:
-            return np.full(y.shape, np.inf)
+        if product.largest > 0.5 * MAX[ACCUMULATOR[self.dtype]]:
+            return np.full(product.ay.shape, np.inf)
+        n = product.n
         tiny_acc = n * TINY[ACCUMULATOR[self.dtype]]  # products flushed in the accumulator
         # an error of 0.0 adds exact zeros: skipped, the sum has the same bits
-        carried = [a @ b for a, b in ((eA, aB), (aA, eB)) if np.ndim(a) and np.ndim(b)]
-        return sum(carried, start=np.zeros(())) + (self.gamma(n) + self.u) * magnitude + self.store(y) + tiny_acc
+        carried = [a @ b for a, b in ((eA, product.aB), (product.aA, eB)) if np.ndim(a) and np.ndim(b)]
+        magnitude = (self.gamma(n) + self.u) * product.magnitude
+        return sum(carried, start=np.zeros(())) + magnitude + self.store_abs(product.ay) + tiny_acc
+
+
+@dataclass(frozen=True)
+class Product:
+    """What the error of y = A @ B + bias needs that no dtype changes: |A|, |B|, the
+    magnitude |A||B| + |bias| and its largest element, |y|, and the inner length n (n + 1
+    with a bias, which a kernel may accumulate onto)."""
+
+    aA: np.ndarray
+    aB: np.ndarray
+    magnitude: np.ndarray
+    largest: float
+    ay: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, A: np.ndarray, B: np.ndarray, y: np.ndarray, bias=None, aB=None) -> Product:
+        """y = A @ B + bias; aB = |B| where the caller has it."""
+        aA, aB = np.abs(A), np.abs(B) if aB is None else aB
+        magnitude = aA @ aB + (0.0 if bias is None else np.abs(bias))
+        return cls(aA, aB, magnitude, magnitude.max(initial=0.0), np.abs(y), A.shape[-1] + (bias is not None))
 
 
 def heads(t: np.ndarray, n_head: int) -> np.ndarray:
@@ -127,50 +151,101 @@ class Truth:
 
     def bound(self, dtype: str) -> np.ndarray:
         """Elementwise bound on |attention computed in `dtype` - self.out|. See module doc."""
-        if dtype not in self._bounds:
-            self._bounds[dtype] = self._bound(dtype)
-        return self._bounds[dtype]
+        return self.bounds((dtype,))[dtype]
 
-    def _bound(self, dtype: str) -> np.ndarray:
-        pr = Precision(dtype)
-        pb = self.problem
-        logits = np.where(np.isfinite(self.z), np.abs(self.z), 0.0)
-        scores = logits * math.sqrt(pb.head_dim)  # q @ k.T, stored before scaling
-        too_big = max(np.abs(a).max(initial=0.0) for a in (self.qkv, scores, self.o, self.out)) > 0.5 * MAX[dtype]
-        # First order needs exp(t + d) ~ e^t (1 + d): once one rounding of a logit, u|z|, reaches
-        # 1/2 that fails (in float32 beyond |z| ~ 8e6; past 1.5e9 half an ulp overflows exp).
-        if too_big or pr.u * logits.max(initial=0.0) >= 0.5:
-            return np.full(self.out.shape, np.inf)
-        x, w, b, wo, bo = pb.arrays()
-        ex = pr.flush(x) if self.x_error is None else self.x_error
-        aw, awo = np.abs(w), np.abs(wo)  # once each: GPT-2's are 1.8M and 0.6M values
-        # qkv = x @ W + b
-        e_qkv = pr.linear(x, ex, w, pr.flush_abs(aw), self.qkv, b, aw) + pr.flush(b)
-        q, k, v = (heads(t, pb.n_head) for t in np.split(self.qkv, 3, axis=-1))
-        eq, ek, ev = (heads(t, pb.n_head) for t in np.split(e_qkv, 3, axis=-1))
-        # z = (q @ k.T) / sqrt(head_dim), the mask exact (causal, and the layout's documents)
-        allowed = pb.allowed()
-        kt, ekt = np.swapaxes(k, -1, -2), np.swapaxes(ek, -1, -2)
-        z = np.where(allowed, self.z, 0.0)
-        e_s = pr.linear(q, eq, kt, ekt, z * math.sqrt(pb.head_dim))
-        e_z = e_s / math.sqrt(pb.head_dim) + 2 * pr.u * np.abs(z) + pr.flush(z)
-        # softmax: t = z - max (max's own error cancels), e = exp(t), p = e / sum(e); a
-        # padding row has no key: p = 0 there, exactly, and so is its error (s = 1 stands in)
-        with np.errstate(invalid="ignore"):
-            t = np.where(allowed, self.z - self.z.max(axis=-1, keepdims=True), 0.0)
-        e = np.where(allowed, np.exp(t), 0.0)
-        de = np.where(allowed, e * (e_z + pr.u * np.abs(t) + 2 * EXP_ULPS * pr.u) + pr.flush(e), 0.0)
-        s = e.sum(axis=-1, keepdims=True)
-        ds = de.sum(axis=-1, keepdims=True) + (pr.gamma(pb.n_seq) + pr.u) * s
-        s = np.where(s > 0, s, 1.0)
-        dp = de / s + self.p * ds / s + pr.store(self.p)
-        # o = p @ v, heads merged (exact), out = o @ Wo + bo
-        e_o = merge_heads(pr.linear(self.p, dp, v, ev, heads(self.o, pb.n_head)))
-        return pr.linear(self.o, e_o, wo, pr.flush_abs(awo), self.out, bo, awo) + pr.flush(bo)
+    def bounds(self, dtypes: Iterable[str]) -> dict[str, np.ndarray]:
+        """bound(dtype) for each of `dtypes`; those not known yet are derived together,
+        sharing what no dtype changes (the magnitudes of the four products, the softmax's
+        exponentials and sums): a tolerance needs two bounds, its dtype's and float64's."""
+        todo = [d for d in dict.fromkeys(dtypes) if d not in self._bounds]
+        if todo:
+            self._bounds.update(_bounds(self, todo))
+        return {d: self._bounds[d] for d in dtypes}
 
     def tolerance(self, dtype: str) -> np.ndarray:
         """What a `dtype` result may differ from `self.out` by: its bound plus the truth's own."""
-        return self.bound(dtype) + self.bound("float64")
+        bounds = self.bounds((dtype, "float64"))
+        return bounds[dtype] + bounds["float64"]
+
+
+def _bounds(tr: Truth, dtypes: Sequence[str]) -> dict[str, np.ndarray]:
+    """bound(dtype) of `tr` for each of `dtypes`, stage by stage (module doc)."""
+    pb = tr.problem
+    logits = np.where(np.isfinite(tr.z), np.abs(tr.z), 0.0).max(initial=0.0)
+    # |q @ k.T| before scaling: the largest logit scaled back (rounding is monotonic)
+    largest = max(logits * math.sqrt(pb.head_dim), *(np.abs(a).max(initial=0.0) for a in (tr.qkv, tr.o, tr.out)))
+    # First order needs exp(t + d) ~ e^t (1 + d): once one rounding of a logit, u|z|, reaches
+    # 1/2 that fails (in float32 beyond |z| ~ 8e6; past 1.5e9 half an ulp overflows exp).
+    unbounded = {d for d in dtypes if largest > 0.5 * MAX[d] or Precision(d).u * logits >= 0.5}
+    found = {d: np.full(tr.out.shape, np.inf) for d in unbounded}
+    live = [Precision(d) for d in dtypes if d not in unbounded]
+    if not live:
+        return found
+    x, w, b, wo, bo = pb.arrays()
+    aw = np.abs(w)  # once: GPT-2's is 1.8M values
+    # qkv = x @ W + b
+    qkv = Product.of(x, w, tr.qkv, b, aw)
+    e_qkv = {
+        pr.dtype: pr.linear(qkv, pr.flush(x) if tr.x_error is None else tr.x_error, pr.flush_abs(aw)) + pr.flush(b)
+        for pr in live
+    }
+    e_o = _attention_errors(tr, live, e_qkv)
+    # out = o @ Wo + bo
+    out = Product.of(tr.o, wo, tr.out, bo, np.abs(wo))
+    for pr in live:
+        found[pr.dtype] = pr.linear(out, e_o[pr.dtype], pr.flush_abs(out.aB)) + pr.flush(bo)
+    return found
+
+
+@dataclass(frozen=True)
+class _Softmax:
+    """What the error of o = softmax(z) v needs that no dtype changes."""
+
+    allowed: np.ndarray  # [..., n_seq, n_seq] the keys each query sees (the mask is exact)
+    scores: Product  # q @ k.T, masked
+    abs_z: np.ndarray  # |z|, masked
+    abs_t: np.ndarray  # |z - max|, masked
+    e: np.ndarray  # exp(z - max), masked
+    s: np.ndarray  # [..., n_seq, 1] its row sums
+    o: Product  # p @ v
+
+    @classmethod
+    def of(cls, allowed, z, p, q, k, v, o) -> _Softmax:
+        """From the truth's z, p, q, k, v and o (heads split)."""
+        masked = np.where(allowed, z, 0.0)
+        scores = Product.of(q, np.swapaxes(k, -1, -2), masked * math.sqrt(q.shape[-1]))  # stored before scaling
+        # softmax: t = z - max (max's own error cancels), e = exp(t), p = e / sum(e)
+        with np.errstate(invalid="ignore"):
+            t = np.where(allowed, z - z.max(axis=-1, keepdims=True), 0.0)
+        e = np.where(allowed, np.exp(t), 0.0)
+        return cls(allowed, scores, np.abs(masked), np.abs(t), e, e.sum(axis=-1, keepdims=True), Product.of(p, v, o))
+
+
+def _attention_errors(tr: Truth, precisions: Sequence[Precision], e_qkv: dict) -> dict[str, np.ndarray]:
+    """Each dtype's error of o = softmax(q @ k.T / sqrt(head_dim)) @ v, heads merged (exact):
+    [..., n_seq, n_embd], from its error of qkv."""
+    pb = tr.problem
+    q, k, v = (heads(t, pb.n_head) for t in np.split(tr.qkv, 3, axis=-1))
+    shared = _Softmax.of(pb.allowed(), tr.z, tr.p, q, k, v, heads(tr.o, pb.n_head))
+    e_o = {}
+    for pr in precisions:
+        eq, ek, ev = (heads(t, pb.n_head) for t in np.split(e_qkv[pr.dtype], 3, axis=-1))
+        e_o[pr.dtype] = merge_heads(_softmax_error(pr, shared, eq, ek, ev, tr.p, pb))
+    return e_o
+
+
+def _softmax_error(pr: Precision, sh: _Softmax, eq, ek, ev, p, pb: AttentionProblem) -> np.ndarray:
+    """The error of o = p @ v (heads split) in `pr`, from the errors of q, k, v."""
+    # z = (q @ k.T) / sqrt(head_dim)
+    e_s = pr.linear(sh.scores, eq, np.swapaxes(ek, -1, -2))
+    e_z = e_s / math.sqrt(pb.head_dim) + 2 * pr.u * sh.abs_z + pr.flush_abs(sh.abs_z)
+    # softmax; a padding row has no key: p = 0 there, exactly, and so is its error (s = 1 stands in)
+    de = np.where(sh.allowed, sh.e * (e_z + pr.u * sh.abs_t + 2 * EXP_ULPS * pr.u) + pr.flush_abs(sh.e), 0.0)
+    ds = de.sum(axis=-1, keepdims=True) + (pr.gamma(pb.n_seq) + pr.u) * sh.s
+    s = np.where(sh.s > 0, sh.s, 1.0)
+    dp = de / s + p * ds / s + pr.store_abs(sh.o.aA)
+    # o = p @ v
+    return pr.linear(sh.o, dp, ev)
 
 
 def ground_truth(problem: AttentionProblem, x_error: np.ndarray | None = None) -> Truth:

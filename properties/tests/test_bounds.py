@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from oracles import backends
-from oracles.truth import ACCUMULATOR, UNIT_ROUNDOFF, Precision
+from oracles.truth import ACCUMULATOR, UNIT_ROUNDOFF, Precision, ground_truth
+from properties.strategies import EXTREME, LARGE_LOGITS, attention_problems
+
+TRUTH_DTYPES = tuple(UNIT_ROUNDOFF)  # every dtype a bound is derived for
 
 
 @pytest.mark.dtypes("float16", "bfloat16")
@@ -25,3 +30,17 @@ def test_low_precision_matmul_and_sum_accumulate_in_float32(backend, dtype):
 def test_gamma_is_infinite_where_the_classical_bound_breaks_down():
     assert Precision("float32").gamma(10) == pytest.approx(10 * 2.0**-24 / (1 - 10 * 2.0**-24))
     assert Precision("float64").gamma(2**53) == np.inf
+
+
+EXTREMES = attention_problems(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.one_of(attention_problems(), EXTREMES))
+def test_bounds_derived_together_are_each_dtypes_own(problem):
+    """Truth.bounds shares the dtype-free parts among dtypes: each bound must have the bits it
+    has when derived alone (a part computed for one dtype and reused for another would not)."""
+    together = ground_truth(problem).bounds(TRUTH_DTYPES)
+    for dtype in TRUTH_DTYPES:
+        alone = ground_truth(problem).bound(dtype)
+        assert together[dtype].tobytes() == alone.tobytes(), dtype
