@@ -11,8 +11,9 @@ verdicts on NumPy in pytest's configuration, empty truth cache, took 140 s befor
 after `retain_freed_memory()`, with the same peak memory (3.7 GB).
 
 So processes that judge (`verify`, its workers, the test suite) serve large allocations from
-the heap and never trim it: the peak is the same, it is only kept until the process ends.
-Elsewhere than glibc this does nothing.
+the heap and never trim it: what they free is held until the process ends. Over a whole
+cold `verify` run the largest worker peaked at 9.6 GB against 8.5 GB before. Elsewhere
+than glibc this does nothing.
 """
 
 from __future__ import annotations

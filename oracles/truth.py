@@ -117,9 +117,9 @@ class Product:
     n: int
 
     @classmethod
-    def of(cls, A: np.ndarray, B: np.ndarray, y: np.ndarray, bias=None, aB=None) -> Product:
-        """y = A @ B + bias; aB = |B| where the caller has it."""
-        aA, aB = np.abs(A), np.abs(B) if aB is None else aB
+    def of(cls, A: np.ndarray, B: np.ndarray, y: np.ndarray, bias=None) -> Product:
+        """y = A @ B + bias."""
+        aA, aB = np.abs(A), np.abs(B)
         magnitude = aA @ aB + (0.0 if bias is None else np.abs(bias))
         return cls(aA, aB, magnitude, magnitude.max(initial=0.0), np.abs(y), A.shape[-1] + (bias is not None))
 
@@ -182,16 +182,15 @@ def _bounds(tr: Truth, dtypes: Sequence[str]) -> dict[str, np.ndarray]:
     if not live:
         return found
     x, w, b, wo, bo = pb.arrays()
-    aw = np.abs(w)  # once: GPT-2's is 1.8M values
-    # qkv = x @ W + b
-    qkv = Product.of(x, w, tr.qkv, b, aw)
+    # qkv = x @ W + b (|W| once: GPT-2's is 1.8M values)
+    qkv = Product.of(x, w, tr.qkv, b)
     e_qkv = {
-        pr.dtype: pr.linear(qkv, pr.flush(x) if tr.x_error is None else tr.x_error, pr.flush_abs(aw)) + pr.flush(b)
+        pr.dtype: pr.linear(qkv, pr.flush(x) if tr.x_error is None else tr.x_error, pr.flush_abs(qkv.aB)) + pr.flush(b)
         for pr in live
     }
     e_o = _attention_errors(tr, live, e_qkv)
     # out = o @ Wo + bo
-    out = Product.of(tr.o, wo, tr.out, bo, np.abs(wo))
+    out = Product.of(tr.o, wo, tr.out, bo)
     for pr in live:
         found[pr.dtype] = pr.linear(out, e_o[pr.dtype], pr.flush_abs(out.aB)) + pr.flush(bo)
     return found

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from oracles import backends, gpt2, heap
+from oracles import backends, gpt2
 from oracles.problem import AttentionProblem
 from rewrites.verify import counterexamples, inputs, invariance
 from rewrites.verify.database import open_database
@@ -63,7 +63,6 @@ class Verifier:
 
     def __post_init__(self) -> None:
         backends.use_device(self.config.device)  # this process computes where the config says
-        heap.retain_freed_memory()  # and keeps the truths' large arrays' memory (oracles/heap.py)
 
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
         if not self._known_hard:

@@ -172,7 +172,7 @@ class Precision:
         magnitude = float(np.abs(truth.out[rows]).max(initial=0.0))
         judged = []
         for p in self.alive:
-            tolerance = (truth.bound(p) + truth.bound("float64"))[rows]
+            tolerance = truth.tolerance(p)[rows]
             judged.append((excess(out, truth.out[rows], tolerance) <= 1, float(tolerance.max(initial=0.0)), magnitude))
         return judged
 

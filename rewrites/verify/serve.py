@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from oracles import backends
+from oracles import backends, heap
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
@@ -56,6 +56,7 @@ def serve(conn: Connection, log: str, config: Config, refs: dict, gpt2_inputs: b
     from rewrites.registry import catalogue
     from rewrites.verify.engine import Verifier
 
+    heap.retain_freed_memory()  # a worker judges at 1024 tokens, unit after unit: oracles/heap.py
     verifier = Verifier(restored(config, refs))
     found = {rw.identity: rw for rw in catalogue(include_plugins)}
     conn.send(READY)
