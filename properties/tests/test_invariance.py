@@ -18,6 +18,7 @@ from rewrites.common import array_namespace, linear, project_out, scores, softma
 from rewrites.registry import Rewrite
 from rewrites.report import invariance_table
 from rewrites.verify import Config, Verifier, inputs
+from rewrites.verify.execute import NONDETERMINISM
 from rewrites.verify.invariance import PREFIX, PREFIX_UNBLOCKED, measure, prefix, real, synthetic
 
 
@@ -132,6 +133,23 @@ def test_a_fault_on_one_source_only_is_reported_with_that_source(gpt2_weights):
     assert inv.witness["batch"].startswith("real layer 3: item 1 of a batch of 2 differs"), inv.witness
     held = measure(case(by_construction), "numpy", "float64", sources)  # and on both sources, nothing flagged
     assert (held.batch, held.prefix, held.deterministic, held.witness) == (True, True, True, {}), held
+
+
+def test_a_rewrite_its_searches_saw_nondeterministic_is_not_deterministic_in_that_dtype_only():
+    """What the searches saw (execute.NONDETERMINISM) is the deterministic column's answer,
+    the same as when the invariances see it themselves; another dtype is measured."""
+    rw = Rewrite("seen_nondeterministic", "test", "test", by_construction)
+    seen = "nondeterministic: two calls on the same input differ by 0.5 (seen in a search)"
+    NONDETERMINISM.seen[(*rw.identity, "numpy", "float32")] = seen
+    try:
+        inv = measure(rw, "numpy", "float32", [synthetic()])
+        assert (inv.batch, inv.prefix, inv.deterministic) == (None, None, False), inv
+        unmeasured = f"not measured: {seen}"
+        assert inv.witness == {"deterministic": seen, "batch": unmeasured, "prefix": unmeasured}
+        other = measure(rw, "numpy", "float64", [synthetic()])
+        assert (other.batch, other.prefix, other.deterministic, other.witness) == (True, True, True, {}), other
+    finally:
+        NONDETERMINISM.seen.pop((*rw.identity, "numpy", "float32"))
 
 
 def small_layer(i: int) -> AttentionProblem:

@@ -158,8 +158,11 @@ class Verifier:
                       cut_to=d.cut_to, precision=s.effective_precision, seconds=round(d.seconds, 3),
                       diagnosis=list(s.findings) if s.failure is not None else [])  # fmt: skip
 
-    def verify_one(self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True) -> list[Result]:
-        """Every verdict of one rewrite on the given backends."""
+    def verify_one(
+        self, rw: Rewrite, backend_names: Iterable[str], gpt2_inputs: bool = True, invariances: bool = True
+    ) -> list[Result]:
+        """Every verdict of one rewrite on the given backends, each with its invariances
+        (unless `invariances` is False or the config turns them off)."""
         results: list[Result] = []
         for backend in (b for b in backend_names if rw.runs_on(b)):
             start = time.perf_counter()
@@ -171,23 +174,24 @@ class Verifier:
             )
             if gpt2_inputs:
                 rs += self.gpt2_results(rw, backend, rs)
-            results += self._with_invariance(rw, backend, rs, gpt2_inputs)
+            if invariances and self.config.invariance and not rw.load_error:
+                found = self.invariances(rw, backend, gpt2_inputs)
+                rs = [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
+            results += rs
             backends.get(backend).release()
         return results
 
-    def _with_invariance(self, rw: Rewrite, backend: str, rs: list[Result], gpt2_inputs: bool) -> list[Result]:
-        """Each result with its backend x dtype's invariances (measured once per dtype), on
-        the synthetic problem and, with the real layers, the rewrite's real layer."""
-        if not self.config.invariance or rw.load_error:
-            return rs
+    def invariances(self, rw: Rewrite, backend: str, gpt2_inputs: bool = True) -> dict[str, dict]:
+        """The backend's invariances of `rw` per dtype (invariance.py), on the synthetic
+        problem and, with the real layers, the rewrite's real layer; a dtype this process
+        has seen the rewrite nondeterministic in (its searches) says so."""
         sources = [invariance.synthetic()]
         if gpt2_inputs and self.real_layers().full[0].n_seq >= invariance.PREFIX[1]:  # not with --gpt2-n-seq 16
             layers = self.real_layers().full
             layer = inputs.real_layer(rw.name, backend, len(layers), self.config.real_layer)
             sources.append(invariance.real(layers, layer))
-        dtypes = dict.fromkeys(r.dtype for r in rs)
-        found = {d: dataclasses.asdict(invariance.measure(rw, backend, d, sources)) for d in dtypes}
-        return [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
+        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        return {d: dataclasses.asdict(invariance.measure(rw, backend, d, sources)) for d in dtypes}
 
     def verify(
         self, rewrites: Iterable[Rewrite], backend_names: Iterable[str], gpt2_inputs: bool = True, jobs: int = 1

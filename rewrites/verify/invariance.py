@@ -99,6 +99,9 @@ HOLDS: Outcome = (True, None)
 def measure(rw: Rewrite, backend: str, dtype: str, sources: Sequence[Source]) -> Invariance:
     """The three invariances of `rw` on `backend` in `dtype`: broken where any source breaks
     one, held where every source that could measure it holds it."""
+    known = NONDETERMINISM.known(rw, backend, dtype)  # seen in the searches already
+    if known is not None:
+        return nondeterministic(known)
     found = [_on(rw, backend, dtype, s) for s in sources]
     values: dict[str, bool | None] = {}
     witness: dict[str, str] = {}
@@ -112,6 +115,12 @@ def measure(rw: Rewrite, backend: str, dtype: str, sources: Sequence[Source]) ->
         elif not measured:
             witness[name] = outcomes[0][1][1] or "not measured"
     return Invariance(values["batch"], values["prefix"], values["deterministic"], witness)
+
+
+def nondeterministic(seen: str) -> Invariance:
+    """A rewrite seen nondeterministic (`seen` says where): not deterministic, and no bits to
+    compare for the others (every later call of it is that error: execute.Nondeterminism)."""
+    return Invariance(None, None, False, {"deterministic": seen, **dict.fromkeys(NAMES[:2], f"not measured: {seen}")})
 
 
 def prefix(backend: str, dtype: str, source: Source) -> tuple[int, int]:
@@ -140,14 +149,11 @@ def _on(rw: Rewrite, backend: str, dtype: str, source: Source) -> dict[str, Outc
 def _deterministic(
     rw: Rewrite, backend: str, dtype: str, source: Source, short: AttentionProblem, alone: np.ndarray
 ) -> Outcome:
-    known = NONDETERMINISM.known(rw, backend, dtype)  # seen in the searches already
-    if known is None:
-        try:
-            NONDETERMINISM.check(rw, backend, dtype, short, alone)
-            return HOLDS
-        except RewriteFailed as e:
-            known = str(e)
-    return (False, known)
+    try:
+        NONDETERMINISM.check(rw, backend, dtype, short, alone)
+        return HOLDS
+    except RewriteFailed as e:
+        return (False, str(e))
 
 
 def _batch(

@@ -26,7 +26,7 @@ from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
 from oracles import backends
-from rewrites.verify.serve import READY, serve
+from rewrites.verify.serve import READY, Part, serve
 from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
 
 if TYPE_CHECKING:
@@ -74,10 +74,11 @@ class PoolFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Task:
-    """One unit of work: a rewrite on one backend."""
+    """One unit of work: a rewrite on one backend (or a part of that)."""
 
     rewrite: Rewrite
     backend: str
+    part: Part = Part.ALL
 
 
 @dataclass
@@ -91,6 +92,8 @@ class Done:
     failure: str | None = None  # how the task ended without verdicts of its own (timeout, exit status...)
     internal: str | None = None  # the verifier itself raised: its traceback (a bug in this tool)
     seconds: float = 0.0  # from the task handed out to its result back (set by the executor)
+    invariances: dict[str, dict] = field(default_factory=dict)  # Part.INVARIANCES: per dtype
+    nondeterministic: dict[str, str] = field(default_factory=dict)  # Part.VERDICTS: dtypes seen so, and how
 
 
 def error_results(task: Task, config: Config, gpt2_inputs: bool, message: str) -> list[Result]:
@@ -141,7 +144,7 @@ class Worker:
         self.echo()
         self.started = time.monotonic()
         self.task, self.deadline, self.task_start = task, self.started + timeout, self.echoed
-        self.conn.send((task.rewrite.identity, task.backend))
+        self.conn.send((task.rewrite.identity, task.backend, task.part.value))
 
     def echo(self) -> None:
         """Copy what the worker wrote since the last call to this process's stderr."""
@@ -267,8 +270,8 @@ class Pool:
     def _done(self, task: Task, message: tuple) -> Done:
         kind, *rest = message
         if kind == "done":
-            results, throughput, compiles = rest
-            return Done(task, results, throughput, compiles)
+            results, throughput, compiles, parts = rest
+            return Done(task, results, throughput, compiles, **parts)
         if kind == "internal":
             (trace,) = rest
             last = trace.strip().splitlines()[-1]

@@ -17,6 +17,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Sequence
+from enum import Enum
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,14 @@ if TYPE_CHECKING:
     from rewrites.verify.engine import Config, Verifier
 
 READY = "ready"  # what a worker sends once it can take tasks
+
+
+class Part(Enum):
+    """What of a rewrite on a backend one task computes (workers.split)."""
+
+    ALL = "all"  # its verdicts, each with its invariances
+    VERDICTS = "verdicts"  # its verdicts alone
+    INVARIANCES = "invariances"  # its invariances per dtype alone (Done.invariances)
 
 
 def compilations(names: Sequence[str]) -> int:
@@ -67,12 +76,12 @@ def serve(conn: Connection, log: str, config: Config, refs: dict, gpt2_inputs: b
             return
         if task is None:
             return
-        identity, backend = task
+        identity, backend, part = task
         rw = found.get(tuple(identity))
         if rw is None:
             conn.send(("failed", "not found in the worker's catalogue (did a plugin change since the run began?)"))
         else:
-            conn.send(_work(verifier, rw, backend, gpt2_inputs))
+            conn.send(_work(verifier, rw, backend, Part(part), gpt2_inputs))
 
 
 def _exit_with_parent() -> None:
@@ -83,14 +92,24 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
 
-def _work(verifier: Verifier, rw: Rewrite, backend: str, gpt2_inputs: bool) -> tuple:
-    """One task: ("done", results, throughput, compilations), ("failed", why) when the
-    rewrite made the verifier stop, or ("internal", traceback) when the verifier broke."""
+def _work(verifier: Verifier, rw: Rewrite, backend: str, part: Part, gpt2_inputs: bool) -> tuple:
+    """One task: ("done", results, throughput, compilations, parts) with `parts` Done's
+    fields of a Part, ("failed", why) when the rewrite made the verifier stop, or
+    ("internal", traceback) when the verifier broke."""
     from hypothesis.errors import Flaky
 
+    from rewrites.verify.execute import NONDETERMINISM
+
     before, n = compilations([backend]), len(verifier.throughput)
+    parts: dict = {}
     try:
-        results = verifier.verify_one(rw, [backend], gpt2_inputs)
+        if part is Part.INVARIANCES:
+            results, parts["invariances"] = [], verifier.invariances(rw, backend, gpt2_inputs)
+        else:
+            results = verifier.verify_one(rw, [backend], gpt2_inputs, invariances=part is Part.ALL)
+            if part is Part.VERDICTS:  # what the invariances, measured elsewhere, must say too
+                seen = {d: NONDETERMINISM.known(rw, backend, d) for d in {r.dtype for r in results}}
+                parts["nondeterministic"] = {d: m for d, m in seen.items() if m is not None}
     except Flaky as e:
         why = f"nondeterministic: Hypothesis saw an input fail, then pass when run again ({type(e).__name__})"
         return ("failed", why)
@@ -99,4 +118,4 @@ def _work(verifier: Verifier, rw: Rewrite, backend: str, gpt2_inputs: bool) -> t
     except BaseException as e:  # KeyboardInterrupt and the like: the rewrite raised them (SIGINT is ignored here)
         first = (str(e).strip().splitlines() or [""])[0]
         return ("failed", f"raised {type(e).__name__}" + (f": {first}" if first else ""))
-    return ("done", results, verifier.throughput[n:], compilations([backend]) - before)
+    return ("done", results, verifier.throughput[n:], compilations([backend]) - before, parts)

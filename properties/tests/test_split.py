@@ -1,0 +1,122 @@
+"""A run of few tasks splits each into its verdicts and its invariances (workers.split), so
+that two workers end together; what it reports is what the whole tasks report: the same
+verdicts, each with its dtype's invariances (workers.merged), and where a part ends
+without its share, the other's stands and says why."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from rewrites import cli
+from rewrites.registry import catalogue
+from rewrites.verify import Config, workers
+from rewrites.verify.invariance import NAMES, Invariance
+from rewrites.verify.pool import Done, Part, Task, error_results
+from rewrites.verify.verdicts import Inputs, Result, Verdict
+
+REWRITE = next(rw for rw in catalogue(include_plugins=False) if rw.name == "batched_heads")
+TASKS = [Task(REWRITE, b) for b in ("numpy", "jax", "torch")]
+SPLIT_BELOW = workers.SPLIT_BELOW
+
+
+@pytest.mark.parametrize(
+    "work, jobs, invariance, parts",
+    [
+        (TASKS, 2, True, 6),  # one rewrite, three backends, two workers: split
+        (TASKS[:1], 2, True, 2),  # one task, two workers: its verdicts beside its invariances
+        (TASKS * 2, 2, True, 6),  # two tasks a worker: whole
+        (TASKS, 1, True, 3),  # one worker: nothing to balance
+        (TASKS, 2, False, 3),  # no invariances to measure apart
+    ],
+)
+def test_only_a_run_of_fewer_tasks_than_two_a_worker_is_split(work, jobs, invariance, parts):
+    got = workers.split(work, jobs, Config(invariance=invariance))
+    assert len(got) == parts
+    if parts == len(work):
+        assert got == list(work)
+    else:  # every task's verdicts first, in order, then its invariances
+        half = len(work)
+        assert [t.part for t in got] == [Part.VERDICTS] * half + [Part.INVARIANCES] * half
+        assert [t.backend for t in got[:half]] == [t.backend for t in work]
+        assert sorted(t.backend for t in got[half:]) == sorted(t.backend for t in work)
+
+
+def _result(dtype: str) -> Result:
+    return Result(rewrite=REWRITE.name, family=REWRITE.family, backend="numpy", dtype=dtype, inputs=Inputs.HYPOTHESIS,
+                  claim=REWRITE.claim, verdict=Verdict.EQUIVALENT, max_abs_error=0.0, max_error_over_bound=0.1,
+                  examples=3)  # fmt: skip
+
+
+MEASURED = {
+    "float64": dataclasses.asdict(Invariance(True, False, True, {"prefix": "synthetic: the first 100 rows differ"})),
+    "float32": dataclasses.asdict(Invariance(True, True, True)),
+}
+SEEN = "nondeterministic: two calls on the same input differ by 0.001 (synthetic)"
+
+
+def _parts(**verdicts_too) -> tuple[Done, Done]:
+    verdicts = Done(Task(REWRITE, "numpy", Part.VERDICTS), [_result("float64"), _result("float32")], seconds=2.0,
+                    **verdicts_too)  # fmt: skip
+    measured = Done(Task(REWRITE, "numpy", Part.INVARIANCES), [], invariances=MEASURED, seconds=1.0, compilations=3)
+    return verdicts, measured
+
+
+def test_merged_parts_are_each_verdict_with_its_dtype_s_invariances():
+    done = workers.merged(*_parts())
+    assert done.task == Task(REWRITE, "numpy") and done.task.part is Part.ALL
+    assert [r.invariance for r in done.results] == [MEASURED["float64"], MEASURED["float32"]]
+    assert (done.seconds, done.compilations, done.failure, done.internal) == (3.0, 3, None, None)
+
+
+def test_a_dtype_the_searches_saw_nondeterministic_says_so_as_measured_after_them():
+    done = workers.merged(*_parts(nondeterministic={"float32": SEEN}))
+    f64, f32 = (r.invariance for r in done.results)
+    assert f64 == MEASURED["float64"]  # the other dtype keeps what was measured
+    assert (f32["batch"], f32["prefix"], f32["deterministic"]) == (None, None, False)
+    unmeasured = f"not measured: {SEEN}"
+    assert f32["witness"] == {"deterministic": SEEN, "batch": unmeasured, "prefix": unmeasured}
+
+
+def test_invariances_lost_with_their_worker_say_why_and_the_verdicts_stand():
+    verdicts, measured = _parts()
+    lost = dataclasses.replace(measured, invariances={}, failure="timeout after 5 s")
+    done = workers.merged(verdicts, lost)
+    assert [r.verdict for r in done.results] == [Verdict.EQUIVALENT] * 2 and done.failure is None
+    for r in done.results:
+        assert (r.invariance["batch"], r.invariance["prefix"], r.invariance["deterministic"]) == (None, None, None)
+        assert r.invariance["witness"] == dict.fromkeys(NAMES, "not measured: timeout after 5 s")
+    broken = dataclasses.replace(measured, invariances={}, internal="Traceback ...\nKeyError: 'x'\n")
+    done = workers.merged(verdicts, broken)
+    assert done.internal == broken.internal  # the run reports the verifier's failure
+    assert done.results[0].invariance["witness"]["batch"] == "not measured: the verifier failed: KeyError: 'x'"
+
+
+def test_verdicts_lost_with_their_worker_are_error_rows_as_a_whole_task_s_are():
+    verdicts, measured = _parts()
+    rows = error_results(verdicts.task, Config(dtypes=("float64",)), False, "killed by SIGKILL")
+    done = workers.merged(dataclasses.replace(verdicts, results=rows, failure="killed by SIGKILL"), measured)
+    assert done.results == rows and done.failure == "killed by SIGKILL"
+    assert all(r.invariance is None for r in done.results)
+
+
+def _verify(folder: Path, monkeypatch, split_below: int) -> list[dict]:
+    monkeypatch.setattr(workers, "SPLIT_BELOW", split_below)
+    argv = ["verify", "--rewrite", REWRITE.name, "--backend", "numpy", "--dtype", "float64", "--no-gpt2",
+            "--examples", "2", "--jobs", "2", "--report", str(folder)]  # fmt: skip
+    assert cli.main(argv) == cli.OK
+    rows = json.loads((folder / "verdicts.json").read_text())["results"]
+    return [{k: r[k] for k in ("backend", "dtype", "inputs", "verdict", "max_abs_error", "invariance")} for r in rows]
+
+
+def test_a_split_run_reports_what_the_whole_task_reports(tmp_path, monkeypatch):
+    """One task on two workers (split: verdicts beside invariances) against the same task
+    whole: the same rows, invariances and their witnesses included (`batched_heads` on
+    NumPy in float64 is prefix-variant: a witness to carry over)."""
+    whole = _verify(tmp_path / "whole", monkeypatch, 0)
+    split = _verify(tmp_path / "split", monkeypatch, SPLIT_BELOW)
+    assert whole and all(r["invariance"] and r["invariance"]["witness"] for r in whole), whole
+    assert split == whole
