@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from oracles import numpy_oracle
 from rewrites import cli
-from rewrites.registry import catalogue
-from rewrites.verify import Config, workers
+from rewrites.registry import Rewrite, catalogue
+from rewrites.verify import Config, Verifier, inputs, workers
 from rewrites.verify.invariance import NAMES, Invariance
 from rewrites.verify.pool import Done, Part, Task, error_results
+from rewrites.verify.serve import _work
 from rewrites.verify.verdicts import Inputs, Result, Verdict
 
 REWRITE = next(rw for rw in catalogue(include_plugins=False) if rw.name == "batched_heads")
@@ -101,6 +103,28 @@ def test_verdicts_lost_with_their_worker_are_error_rows_as_a_whole_task_s_are():
     done = workers.merged(dataclasses.replace(verdicts, results=rows, failure="killed by SIGKILL"), measured)
     assert done.results == rows and done.failure == "killed by SIGKILL"
     assert all(r.invariance is None for r in done.results)
+
+
+def flickers(x, *weights):
+    """Right on every other call, 10% off on the others: nondeterministic, and seen so by
+    the searches (a failing output is run again)."""
+    flickers.calls += 1
+    return numpy_oracle.attention(x, *weights) * (1.0 + 0.1 * (flickers.calls % 2))
+
+
+flickers.calls = 0
+
+
+@pytest.mark.parametrize("fn, seen", [(flickers, {"float64", "float32"}), (numpy_oracle.attention, set())])
+def test_a_verdicts_part_says_where_its_searches_saw_the_rewrite_nondeterministic(tmp_path, fn, seen):
+    rw = Rewrite(f"split_{fn.__name__}", "test", "test", fn)
+    config = Config(examples=2, report_dir=tmp_path, dtypes=("float64", "float32"), profile=inputs.QUICK)
+    kind, results, _, _, parts = _work(Verifier(config), rw, "numpy", Part.VERDICTS, False)
+    assert kind == "done" and results and all(r.invariance is None for r in results)
+    assert set(parts["nondeterministic"]) == seen, parts
+    assert all(m.startswith("nondeterministic: two calls") for m in parts["nondeterministic"].values())
+    kind, results, _, _, parts = _work(Verifier(config), rw, "numpy", Part.INVARIANCES, False)
+    assert kind == "done" and results == [] and set(parts["invariances"]) == {"float64", "float32"}
 
 
 def _verify(folder: Path, monkeypatch, split_below: int) -> list[dict]:
