@@ -127,6 +127,19 @@ def test_a_verdicts_part_says_where_its_searches_saw_the_rewrite_nondeterministi
     assert kind == "done" and results == [] and set(parts["invariances"]) == {"float64", "float32"}
 
 
+def test_a_plugin_that_did_not_load_has_no_invariances_split_or_whole(tmp_path):
+    broken = Rewrite("split_broken", "test", "test", None, source="plugin broken", load_error="ImportError: no x")
+    verifier = Verifier(Config(examples=2, report_dir=tmp_path, dtypes=("float64",), profile=inputs.QUICK))
+    whole = verifier.verify_one(broken, ["numpy"], gpt2_inputs=False)
+    assert [r.verdict for r in whole] == [Verdict.ERROR] and whole[0].invariance is None
+    _, results, *_, parts = _work(verifier, broken, "numpy", Part.VERDICTS, False)
+    _, _, *_, measured = _work(verifier, broken, "numpy", Part.INVARIANCES, False)
+    assert measured == {"invariances": {}}
+    verdicts = Done(Task(broken, "numpy", Part.VERDICTS), results, **parts)
+    done = workers.merged(verdicts, Done(Task(broken, "numpy", Part.INVARIANCES), [], **measured))
+    assert done.results == whole
+
+
 def _verify(folder: Path, monkeypatch, split_below: int) -> list[dict]:
     monkeypatch.setattr(workers, "SPLIT_BELOW", split_below)
     argv = ["verify", "--rewrite", REWRITE.name, "--backend", "numpy", "--dtype", "float64", "--no-gpt2",

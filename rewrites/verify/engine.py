@@ -174,9 +174,9 @@ class Verifier:
             )
             if gpt2_inputs:
                 rs += self.gpt2_results(rw, backend, rs)
-            if invariances and self.config.invariance and not rw.load_error:
+            if invariances and self.config.invariance:
                 found = self.invariances(rw, backend, gpt2_inputs)
-                rs = [dataclasses.replace(r, invariance=found[r.dtype]) for r in rs]
+                rs = [dataclasses.replace(r, invariance=found.get(r.dtype)) for r in rs]
             results += rs
             backends.get(backend).release()
         return results
@@ -184,7 +184,10 @@ class Verifier:
     def invariances(self, rw: Rewrite, backend: str, gpt2_inputs: bool = True) -> dict[str, dict]:
         """The backend's invariances of `rw` per dtype (invariance.py), on the synthetic
         problem and, with the real layers, the rewrite's real layer; a dtype this process
-        has seen the rewrite nondeterministic in (its searches) says so."""
+        has seen the rewrite nondeterministic in (its searches) says so. Nothing for a plugin
+        that did not load (its verdicts are `error`s saying why)."""
+        if rw.load_error:
+            return {}
         sources = [invariance.synthetic()]
         if gpt2_inputs and self.real_layers().full[0].n_seq >= invariance.PREFIX[1]:  # not with --gpt2-n-seq 16
             layers = self.real_layers().full
