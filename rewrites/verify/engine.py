@@ -39,6 +39,10 @@ class Config:
     seed: int | None = None  # None: derandomised searches, the same problems every run; else this seed's
     invariance: bool = True  # measure the bitwise invariances beside each verdict (invariance.py)
 
+    def dtypes_on(self, backend: str) -> list[str]:
+        """The dtypes a rewrite is judged in on `backend`: the config's that the backend has."""
+        return [d for d in self.dtypes if d in backends.get(backend).dtypes]
+
 
 @dataclass(frozen=True)
 class Throughput:
@@ -131,7 +135,7 @@ class Verifier:
         inputs: Inputs,
         run: Run,
     ) -> list[Result]:
-        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        dtypes = self.config.dtypes_on(backend)
         base = dict(rewrite=rw.name, family=rw.family, backend=backend, inputs=inputs, claim=rw.claim, source=rw.source)
         if rw.load_error:
             ce = Counterexample(message=rw.load_error)
@@ -193,7 +197,7 @@ class Verifier:
             layers = self.real_layers().full
             layer = inputs.real_layer(rw.name, backend, len(layers), self.config.real_layer)
             sources.append(invariance.real(layers, layer))
-        dtypes = [d for d in self.config.dtypes if d in backends.get(backend).dtypes]
+        dtypes = self.config.dtypes_on(backend)
         return {d: dataclasses.asdict(invariance.measure(rw, backend, d, sources)) for d in dtypes}
 
     def verify(

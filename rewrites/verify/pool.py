@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
 
-from oracles import backends
 from rewrites.verify.serve import READY, Part, serve
 from rewrites.verify.verdicts import Counterexample, Inputs, Result, Verdict
 
@@ -100,7 +99,7 @@ def error_results(task: Task, config: Config, gpt2_inputs: bool, message: str) -
     """The rows verify_one would have made, every one an `error` with `message`, so that a
     report stays complete when a task could not give its own."""
     rw, backend = task.rewrite, task.backend
-    dtypes = [d for d in config.dtypes if d in backends.get(backend).dtypes]
+    dtypes = config.dtypes_on(backend)
     sources = [Inputs.HYPOTHESIS, *([Inputs.GPT2] if gpt2_inputs else [])]
     ce = Counterexample(message=f"{rw.name} on {backend}: {message}")
     return [
