@@ -625,3 +625,72 @@ def test_bitwise_counts_the_replayed_float64_failure_too(tmp_path):
     assert got("differs", bits_differ_at_head_dim_3) == {"float64": Verdict.IMPRECISE, "float32": Verdict.EQUIVALENT}
     same_bits = lambda *a: bits_differ_at_head_dim_3(*a) if a[0].dtype == np.float64 else _attention(*a)
     assert got("same_bits", same_bits) == {"float64": Verdict.IMPRECISE, "float32": Verdict.BITWISE}
+
+
+def wrong_head_map_from_16_heads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """From 16 heads on, the last head attends with head 0's logits (a kernel's head
+    mapping that goes wrong past a head count); exact below."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    z = logits(xp, q, k)  # [..., H, n, n]
+    if n_head >= 16:
+        z = xp.concat([z[..., : n_head - 1, :, :], z[..., :1, :, :]], axis=-3)
+    return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+
+
+def float32_from_16_heads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """From 16 heads on, the softmax in float32 (a kernel chosen by head count); exact below."""
+    fn = softmax_in_float32 if n_head >= 16 else _attention
+    return fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+
+
+@pytest.fixture(scope="module")
+def at_33_heads(tmp_path_factory):
+    """rewrite -> its float64 Result, searched at 2 tokens of 33 heads of 1 alone (NumPy)."""
+    from properties.strategies import attention_problems
+
+    band = (attention_problems(shape_menu=[((), 2, 33, 1)]),)
+    profile = inputs.Profile("33 heads", band, band, None)
+    config = Config(examples=10, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
+                    explicit_examples=False, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+    return lambda name, fn: verifier.verify_one(_test_rewrite(name, fn), ["numpy"], gpt2_inputs=False)[0]
+
+
+def test_a_fault_of_many_heads_is_not_taken_for_rounding(at_33_heads):
+    """Both sides of the evidence on the failure's own heads: a wrong head map from 16
+    heads, whose error on 2 tokens of 33 heads of 1 lies within float16's bound, is
+    `inequivalent` (the 8-token problem of 2 heads, exact for it, let it pass for float16
+    arithmetic); float32 arithmetic from 16 heads is still `imprecise` at float32."""
+    r = at_33_heads("wrong_head_map_from_16_heads", wrong_head_map_from_16_heads)
+    assert r.verdict is Verdict.INEQUIVALENT and r.precision is None, r
+    r = at_33_heads("float32_from_16_heads", float32_from_16_heads)
+    assert r.verdict is Verdict.IMPRECISE and r.precision == "float32", r
+
+
+def test_rows_that_sum_to_one_are_not_told_otherwise_by_values_that_underflow():
+    """Both sides of the rows probe on values far below float32's range (a value bias of
+    1e-171, no value weights: what shrinking left of a failure): float32 arithmetic, whose
+    values underflow to 0, has rows that sum to 1 (the probe scales the values up, exactly);
+    weights that sum to 1/2 still sum to 1/2."""
+    p = _keys_problem()
+    e = p.n_embd
+    w, b = p.c_attn_w.copy(), p.c_attn_b.copy()
+    w[:, 2 * e :], b[2 * e :] = 0.0, 1e-171
+    tiny = AttentionProblem(p.x, w, b, p.c_proj_w, p.c_proj_b, p.n_head)
+    fired = lambda fn: probes.rows_do_not_sum_to_one(_test_rewrite("t", fn), "numpy", "float64", tiny)
+    assert fired(_all_in_float32) == []
+    (f,) = fired(_half_weights)
+    assert f["finding"] == "rows do not sum to 1" and f["min"] == pytest.approx(0.5) == f["max"], f
+
+
+def _half_weights(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Attention weights that sum to 1/2."""
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    return project_out(xp, softmax(xp, logits(xp, q, k)) / 2 @ v, c_proj_w, c_proj_b)
+
+
+def _all_in_float32(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """Everything in float32, the result cast back."""
+    xp = array_namespace(x)
+    h = lambda a: xp.astype(a, xp.float32)
+    return xp.astype(_attention(h(x), h(c_attn_w), h(c_attn_b), h(c_proj_w), h(c_proj_b), n_head), x.dtype)

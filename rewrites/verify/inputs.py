@@ -2,8 +2,8 @@
 examples of known hard cases.
 
 Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
-`LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 128 and up to
-12 heads, dense content at long lengths (see `properties.strategies`); in float16 and
+`LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 256, up to 33
+heads and batches of up to 3 x 11 items, dense content at long lengths (see `properties.strategies`); in float16 and
 bfloat16, whose NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2 layers are seen
 at the full context: in float64 and float32 each rewrite x backend sees one of the 12
 layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the rewrite's
@@ -81,16 +81,17 @@ _EXTREME = dict(x_scales=EXTREME, w_scales=EXTREME, logit_scales=LARGE_LOGITS)
 #: rewrite once per shape and dtype (JAX), simplest first. Drawn freely, a rewrite's five
 #: searches took about 100 distinct shapes, each a compilation (~155 a rewrite with the
 #: real layers; cold, most of JAX's time). These cover the kinds of fault the free draws
-#: do, fewer times: one token; a batch of 3 x 5 (odd, more than 4, two dimensions) with 7
-#: heads (a remainder in groups of 2 to 6); 12 heads; head_dim 64 and 128; GPT-2's width;
+#: do, fewer times: one token; a batch of 3 x 11 (odd, more than 32, two dimensions) with
+#: 7 heads (a remainder in groups of 2 to 6); 33 heads (past 16 and 32); 12 heads; head_dim
+#: 64, 128 and 256; GPT-2's width;
 #: lengths past each power of two from 16 to 2048 and off the ladder (100, 300, 1000), so
 #: tiles, windows and thresholds of any size to 2048 are crossed with a partial last tile.
 #: The formula and dtype searches share them (float64 compiles each once).
 FEW_SHORT = (
     ((), 1, 1, 1),
-    ((3, 5), 7, 7, 2),
-    ((2,), 17, 12, 2),
-    ((), 33, 2, 64),
+    ((3, 11), 7, 7, 2),
+    ((2,), 17, 33, 1),
+    ((), 33, 1, 256),
     ((2, 1), 64, 12, 64),
     ((), 100, 1, 128),
     ((2,), 129, 4, 32),
@@ -121,7 +122,7 @@ def _pairs(menu: Sequence) -> list[dict]:
 
 
 #: What `verify` runs: half of each search's examples at 1..257 tokens, half at 255..2049
-#: (both with lengths between the rungs too), head_dim to 128, 12 heads; real layers at 1024.
+#: (both with lengths between the rungs too), head_dim to 256, 33 heads; real layers at 1024.
 #: On JAX the same searches draw their shapes from FEW_SHORT and FEW_LONG.
 FULL = _profile(
     "full",
@@ -219,12 +220,16 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
 
     if stage_is_formula:  # moderate inputs only: a failure here means a wrong formula
         # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows;
-        # then an odd head count, and a batch of 3 x 5 items (odd, more than 4, two
-        # dimensions): after the long one, so a fault that every input shows keeps it as its
-        # counterexample (cut short), unbatched
+        # then an odd head count, a batch of 3 x 11 items (odd, more than 32, two
+        # dimensions), 33 heads and head_dim 256 (past the thresholds of kernels that choose a
+        # path by head count or head_dim; the shapes of the JAX menu's, so they compile once):
+        # after the long one, so a fault that every input shows keeps it as its counterexample
+        # (cut short), unbatched
         return [dense(1025, 4, 32, label="full context + 1, four heads of 32"),
                 dense(7, 3, 2, label="three heads"),
-                dense(7, 2, 3, batch=(3, 5), label="a batch of 3 x 5 items")]  # fmt: skip
+                dense(7, 2, 3, batch=(3, 11), label="a batch of 3 x 11 items"),
+                dense(17, 33, 1, batch=(2,), label="33 heads"),
+                dense(33, 1, 256, label="head_dim 256")]  # fmt: skip
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
         dense(2, 1, 3, q=1e11, label="logits near 1e11 (picoGPT's -1e10 mask leaks)"),

@@ -67,6 +67,11 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def verifier_failed(trace: str) -> str:
+    """Why a task that the verifier itself broke on has no verdicts: its traceback's last line."""
+    return f"the verifier failed: {trace.strip().splitlines()[-1]}"
+
+
 class PoolFailed(RuntimeError):
     """Workers cannot be started: the tool itself cannot run (exit status 3)."""
 
@@ -273,9 +278,8 @@ class Pool:
             return Done(task, results, throughput, compiles, **parts)
         if kind == "internal":
             (trace,) = rest
-            last = trace.strip().splitlines()[-1]
-            return Done(task, error_results(task, self.config, self.gpt2_inputs, f"the verifier failed: {last}"),
-                        internal=trace)  # fmt: skip
+            why = verifier_failed(trace)
+            return Done(task, error_results(task, self.config, self.gpt2_inputs, why), internal=trace)
         return self._failed(task, rest[0])
 
     def _failed(self, task: Task, why: str) -> Done:

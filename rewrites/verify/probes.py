@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from typing import Any
 
 import numpy as np
@@ -237,10 +238,18 @@ def heads_mixed(rw: Any, backend: str, dtype: str, problem: AttentionProblem) ->
 def rows_do_not_sum_to_one(rw: Any, backend: str, dtype: str, problem: AttentionProblem) -> list[dict]:
     """Every token the same and c_proj the identity: correct attention returns each head's
     value v_h on every row, whatever its weights, as long as they sum to 1. A row that is
-    s v_h with s != 1 (within the bound) sums to s."""
+    s v_h with s != 1 (within the bound) sums to s. The value weights and bias are scaled
+    by a power of two to a largest magnitude in [1/2, 1) (exact, and the output is linear in
+    them): a shrunk failure's value bias of 1e-171 underflowed in a float32 computation,
+    whose rows then "summed to 0"."""
     e, hd = problem.n_embd, problem.head_dim
     same = np.broadcast_to(problem.x[..., :1, :], problem.x.shape).copy()
-    probe = _with(problem, x=same, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
+    w, b = problem.c_attn_w.copy(), problem.c_attn_b.copy()
+    largest = max(float(np.abs(w[:, 2 * e :]).max(initial=0.0)), float(np.abs(b[2 * e :]).max(initial=0.0)))
+    if 0.0 < largest < math.inf:
+        power = -math.frexp(largest)[1]
+        w[:, 2 * e :], b[2 * e :] = np.ldexp(w[:, 2 * e :], power), np.ldexp(b[2 * e :], power)
+    probe = _with(problem, x=same, c_attn_w=w, c_attn_b=b, c_proj_w=np.eye(e), c_proj_b=np.zeros(e))
     out, tolerance = _run(rw, backend, dtype, probe)
     v = truth_for(probe, backend, dtype).out  # [..., n_seq, n_embd]: v_h in head h's columns, every row
     if not rows_beyond(out, v, tolerance).any():

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from rewrites.verify import invariance
-from rewrites.verify.pool import Done, Part, Pool, Task
+from rewrites.verify.pool import Done, Part, Pool, Task, verifier_failed
 
 if TYPE_CHECKING:
     from rewrites.registry import Rewrite
@@ -55,8 +55,7 @@ def merged(verdicts: Done, measured: Done) -> Done:
     so, as they do measured after them). Where the invariances' part ended without them,
     each says why; where the verdicts' part did, its `error` rows stand alone, as they do."""
     task = dataclasses.replace(verdicts.task, part=Part.ALL)
-    broke = measured.internal and f"the verifier failed: {measured.internal.strip().splitlines()[-1]}"
-    why = measured.failure or broke
+    why = measured.failure or (measured.internal and verifier_failed(measured.internal))
     lost = invariance.Invariance(None, None, None, dict.fromkeys(invariance.NAMES, f"not measured: {why}"))
 
     def of(dtype: str) -> dict | None:

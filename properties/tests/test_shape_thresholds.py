@@ -1,0 +1,70 @@
+"""Faults past a head count, a head_dim or a batch size: the thresholds of kernels that
+choose a path by shape (16 or 32 heads, head_dim above 128, 16 or 32 batch items). `verify`
+tries shapes past each before its searches (inputs.known_hard: 33 heads, head_dim 256, a
+batch of 3 x 11 items; its searches draw them too), so such a fault is found whatever the
+search draws; before, with 12 heads, head_dim 128 and 15 items at most, each of these was
+`equivalent` on NumPy in float64 and float32. Both sides: the right formula stays unflagged."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rewrites.common import heads_qkv, logits, project_out, softmax
+from rewrites.registry import rewrite
+from rewrites.verify import Config, Verdict, Verifier, inputs
+
+
+def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None, factor=None, batch=None):
+    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
+    z = logits(xp, q, k)  # [..., H, n, n]
+    if heads is not None and n_head >= heads:  # the last head attends with head 0's logits
+        z = xp.concat([z[..., : n_head - 1, :, :], z[..., :1, :, :]], axis=-3)
+    if factor is not None and q.shape[-1] > factor:  # scaled by 1/sqrt(factor) (a head_dim cap)
+        z = z * math.sqrt(q.shape[-1] / factor)
+    o = softmax(xp, z) @ v  # [..., H, n, hd]
+    if batch is not None and math.prod(o.shape[:-3]) >= batch:  # the last item gets the first's output
+        flat = np.reshape(np.asarray(o), (-1, *o.shape[-3:])).copy()
+        flat[-1] = flat[0]
+        o = xp.asarray(np.reshape(flat, o.shape))
+    return project_out(xp, o, c_proj_w, c_proj_b)
+
+
+FAULTS = {
+    "from_16_heads": (dict(heads=16), lambda s: s["n_head"] >= 16),
+    "from_32_heads": (dict(heads=32), lambda s: s["n_head"] >= 32),
+    "past_head_dim_128": (dict(factor=128), lambda s: s["head_dim"] > 128),
+    "from_16_items": (dict(batch=16), lambda s: math.prod(s["batch"]) >= 16),
+    "from_32_items": (dict(batch=32), lambda s: math.prod(s["batch"]) >= 32),
+}
+
+
+@pytest.fixture(scope="module")
+def verdicts(tmp_path_factory):
+    """name, fault -> its float64 and float32 Results on NumPy: `verify`'s explicit examples,
+    then pytest's quick searches."""
+    config = Config(examples=4, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64", "float32"),
+                    profile=inputs.QUICK, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+
+    def run(name: str, **fault):
+        fn = lambda *a: _attention(*a, **fault)
+        fn.__name__ = name
+        rw = rewrite(family="test", claim="equivalent", name=name)(fn)
+        return verifier.verify_one(rw, ["numpy"], gpt2_inputs=False)
+
+    return run
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_a_fault_past_a_shape_threshold_is_found(verdicts, name):
+    fault, crosses = FAULTS[name]
+    for r in verdicts(name, **fault):
+        assert r.verdict is Verdict.INEQUIVALENT, r
+        assert crosses(r.counterexample.shape), r.counterexample.shape
+
+
+def test_the_right_formula_is_not_flagged_on_those_shapes(verdicts):
+    assert {r.verdict for r in verdicts("right")} <= {Verdict.BITWISE, Verdict.EQUIVALENT}
