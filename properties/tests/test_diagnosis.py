@@ -35,6 +35,16 @@ def _test_rewrite(name: str, fn):
     return rewrite(family="test", claim="equivalent", name=name)(fn)
 
 
+def _float64_searched(tmp_path_factory, band, examples: int):
+    """rewrite -> its float64 Result on NumPy, both stages searched on `band` alone
+    (synthetic inputs, no explicit examples, no invariances)."""
+    profile = inputs.Profile("one band", (band,), (band,), None)
+    config = Config(examples=examples, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",),
+                    profile=profile, explicit_examples=False, invariance=False)  # fmt: skip
+    verifier = Verifier(config)
+    return lambda rw: verifier.verify_one(rw, ["numpy"], gpt2_inputs=False)[0]
+
+
 def _builtin(name: str) -> Rewrite:
     (rw,) = [rw for rw in builtin() if rw.name == name]
     return rw
@@ -465,12 +475,9 @@ def across_17(tmp_path_factory):
     """name -> its float64 Result, searched across n_seq 17 (NumPy, synthetic inputs)."""
     from properties.strategies import long_attention_problems
 
-    band = (long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17, 31, 32, 33), between=False),)
-    profile = inputs.Profile("across 17", band, band, None)
-    config = Config(examples=10, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
-                    explicit_examples=False, invariance=False)  # fmt: skip
-    verifier = Verifier(config)
-    return lambda name, fn: verifier.verify_one(_test_rewrite(name, fn), ["numpy"], gpt2_inputs=False)[0]
+    band = long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17, 31, 32, 33), between=False)
+    verdict = _float64_searched(tmp_path_factory, band, examples=10)
+    return lambda name, fn: verdict(_test_rewrite(name, fn))
 
 
 def test_a_length_where_every_row_fails_is_left_to_the_precision_evidence(across_17):
@@ -557,12 +564,7 @@ def short_lengths(tmp_path_factory):
     (NumPy, synthetic inputs, no explicit examples)."""
     from properties.strategies import long_attention_problems
 
-    band = (long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17)),)
-    profile = inputs.Profile("short", band, band, None)
-    config = Config(examples=20, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
-                    explicit_examples=False, invariance=False)  # fmt: skip
-    verifier = Verifier(config)
-    return lambda rw: verifier.verify_one(rw, ["numpy"], gpt2_inputs=False)[0]
+    return _float64_searched(tmp_path_factory, long_attention_problems(ladder=(1, 2, 3, 5, 8, 16, 17)), examples=20)
 
 
 @pytest.mark.parametrize("name", ["microbatch_odd_item_dropped", "batch_dims_merged_transposed"])
@@ -648,12 +650,8 @@ def at_33_heads(tmp_path_factory):
     """rewrite -> its float64 Result, searched at 2 tokens of 33 heads of 1 alone (NumPy)."""
     from properties.strategies import attention_problems
 
-    band = (attention_problems(shape_menu=[((), 2, 33, 1)]),)
-    profile = inputs.Profile("33 heads", band, band, None)
-    config = Config(examples=10, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64",), profile=profile,
-                    explicit_examples=False, invariance=False)  # fmt: skip
-    verifier = Verifier(config)
-    return lambda name, fn: verifier.verify_one(_test_rewrite(name, fn), ["numpy"], gpt2_inputs=False)[0]
+    verdict = _float64_searched(tmp_path_factory, attention_problems(shape_menu=[((), 2, 33, 1)]), examples=10)
+    return lambda name, fn: verdict(_test_rewrite(name, fn))
 
 
 def test_a_fault_of_many_heads_is_not_taken_for_rounding(at_33_heads):
