@@ -2,9 +2,10 @@
 examples of known hard cases.
 
 Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
-`LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 256, up to 33
-heads and batches of up to 3 x 11 items, dense content at long lengths (see `properties.strategies`); in float16 and
-bfloat16, whose NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2 layers are seen
+`LENGTH_LADDER`, 1 to 2049, and lengths between them), with head_dim up to 128 (256 on
+JAX's menu and in the explicit examples), up to 33 heads and batches of up to 3 x 11 items,
+dense content at long lengths (see `properties.strategies`); in float16 and bfloat16, whose
+NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2 layers are seen
 at the full context: in float64 and float32 each rewrite x backend sees one of the 12
 layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the rewrite's
 name and the backend so that the three backends see layers four apart and a catalogue run
@@ -122,7 +123,7 @@ def _pairs(menu: Sequence) -> list[dict]:
 
 
 #: What `verify` runs: half of each search's examples at 1..257 tokens, half at 255..2049
-#: (both with lengths between the rungs too), head_dim to 256, 33 heads; real layers at 1024.
+#: (both with lengths between the rungs too), head_dim to 128, 33 heads; real layers at 1024.
 #: On JAX the same searches draw their shapes from FEW_SHORT and FEW_LONG.
 FULL = _profile(
     "full",
