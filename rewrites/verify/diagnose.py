@@ -48,14 +48,17 @@ def explain(s: Search) -> None:
     if not s.findings and s.precision is not None:
         for p, o in s.kept:  # evidence for `imprecise`: the failures kept (precision.Precision)
             s.precision.add(o, p, s.backend, rows)
-        own = evidence_problem(run.x.shape[:-2], max(run.n_seq, OWN_EVIDENCE_SEQ), run.n_head, run.head_dim)
-        for evidence, informative in ((evidence_problem(), True), (own, False)) if s.precision.effective else ():
-            dense = reach(s.rewrite, s.backend, s.dtype, s.rewrite.takes(evidence))  # formula errors show here
-            try:
-                dense_out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
-            except RewriteFailed:
-                dense_out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
-            s.precision.confirm(dense_out, dense, s.backend, rows, informative)
+        if s.precision.effective:  # and dense problems where a formula error cannot pass for rounding
+            own = evidence_problem(run.x.shape[:-2], max(run.n_seq, OWN_EVIDENCE_SEQ), run.n_head, run.head_dim)
+            for evidence, informative in ((evidence_problem(), True), (own, False)):  # own: its heads' faults show
+                dense = reach(s.rewrite, s.backend, s.dtype, s.rewrite.takes(evidence))
+                try:
+                    dense_out = run_rewrite(s.rewrite, s.backend, s.dtype, dense)
+                except RewriteFailed:
+                    dense_out = np.full(dense.x.shape, np.nan)  # no output: no evidence of a precision
+                s.precision.confirm(dense_out, dense, s.backend, rows, informative)
+                if not s.precision.alive:  # every candidate ruled out: the next problem cannot change that
+                    break
     # A real layer's failure is fitted only when it might otherwise be called imprecise:
     # the synthetic search's small shrunk failures name the factor (and cost milliseconds).
     if s.layer is None or (s.precision is not None and s.precision.effective):
