@@ -17,6 +17,7 @@ import oracles
 from oracles import backends, numpy_oracle
 from oracles.problem import AttentionProblem
 from oracles.reference import reference
+from properties.tests.test_shape_thresholds import shape_faulted
 from rewrites.common import array_namespace, causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import Rewrite, builtin, rewrite
 from rewrites.verify import Config, Inputs, Verdict, Verifier, diagnose, inputs, probes
@@ -629,14 +630,10 @@ def test_bitwise_counts_the_replayed_float64_failure_too(tmp_path):
     assert got("same_bits", same_bits) == {"float64": Verdict.IMPRECISE, "float32": Verdict.BITWISE}
 
 
-def wrong_head_map_from_16_heads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+def wrong_head_map_from_16_heads(*args):
     """From 16 heads on, the last head attends with head 0's logits (a kernel's head
     mapping that goes wrong past a head count); exact below."""
-    xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
-    z = logits(xp, q, k)  # [..., H, n, n]
-    if n_head >= 16:
-        z = xp.concat([z[..., : n_head - 1, :, :], z[..., :1, :, :]], axis=-3)
-    return project_out(xp, softmax(xp, z) @ v, c_proj_w, c_proj_b)
+    return shape_faulted(*args, heads=16)
 
 
 def float32_from_16_heads(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):

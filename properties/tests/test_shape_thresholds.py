@@ -17,7 +17,8 @@ from rewrites.registry import rewrite
 from rewrites.verify import Config, Verdict, Verifier, inputs
 
 
-def _attention(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None, factor=None, batch=None):
+def shape_faulted(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None, factor=None, batch=None):
+    """Attention, wrong past the given head count, head_dim or batch size (None: never)."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     z = logits(xp, q, k)  # [..., H, n, n]
     if heads is not None and n_head >= heads:  # the last head attends with head 0's logits
@@ -50,7 +51,7 @@ def verdicts(tmp_path_factory):
     verifier = Verifier(config)
 
     def run(name: str, **fault):
-        fn = lambda *a: _attention(*a, **fault)
+        fn = lambda *a: shape_faulted(*a, **fault)
         fn.__name__ = name
         rw = rewrite(family="test", claim="equivalent", name=name)(fn)
         return verifier.verify_one(rw, ["numpy"], gpt2_inputs=False)
