@@ -167,7 +167,12 @@ class Precision:
                 self.seen.add(p)
 
     def confirm(
-        self, out: np.ndarray, problem: AttentionProblem, backend: str, rows: tuple = np.s_[...], informative=True
+        self,
+        out: np.ndarray,
+        problem: AttentionProblem,
+        backend: str,
+        rows: tuple = np.s_[...],
+        informative: bool = True,
     ) -> None:
         """The output on an `evidence_problem`: a candidate stays only if its bound holds there
         and (`informative`) is informative. The failure's own heads are not asked to be
