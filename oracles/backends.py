@@ -30,6 +30,7 @@ _DEVICE = ["cpu"]  # the device this process computes on (use_device)
 _ON_SWITCH: dict[str, Callable[[str], None]] = {}  # backend -> makes `device` its default for new arrays
 #: (fn, shapes but n_seq, dtype) -> its growth, the tokens it runs on, the longest n_seq compiled whole
 _GROWS: dict[tuple, tuple[Growth, int | None, int | None]] = {}
+_STEADY: dict[tuple, bool] = {}  # (fn, dtype) -> whether its loop per token keeps its steps' shapes
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 
 
@@ -50,6 +51,10 @@ TRACE_BUDGET = 600
 #: PROBE_TOKENS than at half as many, a loop per tile at TILE_TRACE than at PROBE_TOKENS. A
 #: problem of PROBE_TOKENS or fewer is never cut.
 PROBE_TOKENS, TILE_TRACE = 16, 256
+
+
+class _TooMany(Exception):
+    """Raised inside a probe's call once it compiles more programs than allowed (`programs`)."""
 
 
 class BackendUnavailable(RuntimeError):
@@ -76,8 +81,16 @@ class Backend:
     #: The tokens a per-token loop runs on here (None: all of them). Eagerly, JAX compiles
     #: every primitive anew for each new shape, and a loop's cache grows a token a step:
     #: 0.5 s a token (a 256-token decode took 88 s, 1025 tokens over 600 s). So such a loop
-    #: runs on each problem's first `loop_tokens` tokens, and its verdicts say so.
+    #: runs on each problem's first `loop_tokens` tokens, and its verdicts say so, unless its
+    #: steps keep their shapes (`programs`).
     loop_tokens: int | None = None
+    #: fn, *args, most= -> the programs an eager call compiles from empty caches (None: more
+    #: than `most`, where it stops). A loop per token
+    #: whose steps keep their shapes (a ring buffer of fixed slots) compiles as many at 48
+    #: tokens as at 16, and then runs eagerly on every token: ring_buffer_overflow_1000 at 1001
+    #: tokens took 3 s on JAX (38 programs, ~3 ms a step), where a growing cache compiles anew
+    #: every step.
+    programs: Callable[..., int] | None = field(default=None, repr=False)
     #: Make an array handed to untrusted code unwritable: True where it then cannot change
     #: (JAX's arrays never do; NumPy's made read-only), False where it can (PyTorch), so a
     #: call must be checked by comparing copies (execute.py)
@@ -121,8 +134,17 @@ class Backend:
     ) -> int | None:
         """The most tokens of a problem this backend runs fn on (None: all of them): a loop
         per token its first `loop_tokens`, a loop per tile as many as keep its traced program
-        within TRACE_BUDGET equations, anything else (and anything where nothing compiles) all."""
-        return self._growth(fn, args, static, positions)[1] if self.compiles else None
+        within TRACE_BUDGET equations, anything else (and anything where nothing compiles) all;
+        a loop per token whose steps keep their shapes (`_steady`) all as well."""
+        if not self.compiles:
+            return None
+        growth, tokens, _ = self._growth(fn, args, static, positions)
+        if growth is Growth.PER_TOKEN and tokens is not None:
+            key = (fn, str(args[0].dtype))  # a probe costs 1-3 s: once per function and dtype
+            if key not in _STEADY:
+                _STEADY[key] = self._steady(fn, args, static, positions)
+            return None if _STEADY[key] else tokens
+        return tokens
 
     def _growth(
         self, fn: Callable, args: tuple, static: tuple, positions: tuple
@@ -151,6 +173,31 @@ class Backend:
             else:
                 _GROWS[key] = (Growth.NONE, None, None)
         return _GROWS[key]
+
+    def _steady(self, fn: Callable, args: tuple, static: tuple, positions: tuple) -> bool:
+        """Whether a loop per token keeps its steps' shapes, so that run eagerly on any
+        number of tokens it compiles a fixed set of programs: as many at 3 x PROBE_TOKENS
+        tokens as at PROBE_TOKENS, each counted from empty caches (a growing KV cache
+        compiles new ones every step). Run on args' own values, repeated to the length;
+        a function that raises here is not steady (it keeps `loop_tokens`)."""
+        if self.programs is None or self.loop_tokens is None:
+            return False
+        xp = self.namespace
+
+        def at(n: int) -> tuple:
+            def stretch(a: Any, axis: int) -> Any:
+                have = a.shape[axis]
+                whole = xp.concat([a] * -(-n // have), axis=axis)
+                return whole[..., :n, :] if axis == -2 else whole[..., :n]
+
+            return tuple(stretch(a, -2) if i == 0 else stretch(a, -1) if i in positions else a
+                         for i, a in enumerate(args))  # fmt: skip
+
+        try:
+            few = self.programs(fn, *at(PROBE_TOKENS))
+            return few is not None and self.programs(fn, *at(3 * PROBE_TOKENS), most=few) is not None
+        except Exception:
+            return False
 
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:
         """`a` rounded to `dtype` the way this backend stores it, back in float64."""
@@ -215,15 +262,34 @@ def _jax(device: str) -> Backend:
         compiled.clear()
         jax.clear_caches()
 
+    lowered, limit = [0], [None]  # programs lowered so far; where a probe (`programs`) stops
+
     def listen(event: str, _duration: float, **_: object) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             count[0] += 1
+        elif event == "/jax/core/compile/jaxpr_to_mlir_module_duration":  # every program, read from disk or not
+            lowered[0] += 1
+            if limit[0] is not None and lowered[0] > limit[0]:
+                limit[0] = None
+                raise _TooMany
 
     jax.monitoring.register_event_duration_secs_listener(listen)
 
     def traces(fn: Callable, *args: Any, static: tuple[int, ...] = ()) -> int:
         """Equations in fn's traced program: the size XLA would compile."""
         return len(jax.make_jaxpr(fn, static_argnums=static)(*args).jaxpr.eqns)
+
+    def programs(fn: Callable, *args: Any, most: int | None = None) -> int | None:
+        jax.clear_caches()
+        before = lowered[0]
+        limit[0] = None if most is None else before + most
+        try:
+            jax.block_until_ready(fn(*args))
+        except _TooMany:
+            return None
+        finally:
+            limit[0] = None
+        return lowered[0] - before
 
     return Backend(
         name="jax",
@@ -243,6 +309,7 @@ def _jax(device: str) -> Backend:
         traces=traces,
         abstract=jax.ShapeDtypeStruct,
         loop_tokens=16,
+        programs=programs,
         protect=lambda a: True,  # immutable
     )
 

@@ -126,10 +126,28 @@ def test_verdict_vocabulary():
 
 
 def per_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """A loop per token: its traced program grows with n_seq."""
+    """A loop per token: its traced program grows with n_seq; its steps keep their shapes."""
     xp = array_namespace(x)
     rows = [x[..., t : t + 1, :] * 1.0 for t in range(x.shape[-2])]
     return xp.concat(rows, axis=-2) @ c_proj_w
+
+
+def growing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """A loop per token whose steps grow a token each, as a KV cache does: row t sums rows 0..t."""
+    xp = array_namespace(x)
+    rows = [xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True) for t in range(x.shape[-2])]
+    return xp.concat(rows, axis=-2) @ c_proj_w
+
+
+def steady_until(n: int):
+    """per_token, raising past n tokens: a probe that fails must not make a loop steady."""
+
+    def fn(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+        if x.shape[-2] > n:
+            raise ValueError(f"more than {n} tokens")
+        return per_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head)
+
+    return fn
 
 
 def plain(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -156,17 +174,36 @@ def test_backend_compiles_a_loop_per_token_only_within_the_trace_budget(backend,
     assert be.runner(plain, args(8), (5,)) is not plain
 
 
-def test_only_per_token_loops_are_cut_and_only_where_the_backend_says(backend):
-    """`reach`: a loop per token runs on the first Backend.loop_tokens tokens where the
-    backend sets them; a fixed-size program, and every program elsewhere, sees them all."""
+def test_only_growing_per_token_loops_are_cut_and_only_where_the_backend_says(backend):
+    """`reach`: a loop per token whose steps grow (a KV cache) runs on the first
+    Backend.loop_tokens tokens where the backend sets them; a fixed-size program, and every
+    program elsewhere, sees them all."""
     be, p = backends.get(backend), _dense(45)
-    loop = rewrite(family="test", claim="equivalent", name="per_token_loop")(per_token)
+    loop = rewrite(family="test", claim="equivalent", name="growing_loop")(growing)
     fixed = rewrite(family="test", claim="equivalent", name="fixed_program")(plain)
     assert reach(fixed, backend, "float32", p) is p
     assert reach(loop, backend, "float32", p.prefix(8)).n_seq == 8  # short problems are never cut
     cut = reach(loop, backend, "float32", p)
     assert cut.n_seq == (be.loop_tokens or 45)
     np.testing.assert_array_equal(cut.x, p.x[: cut.n_seq])
+
+
+def test_a_per_token_loop_whose_steps_keep_their_shapes_runs_on_every_token(backend, monkeypatch):
+    """A loop per token whose steps keep their shapes (a ring buffer of fixed slots)
+    compiles a fixed set of programs eagerly, so it runs on every token (past the trace
+    budget eagerly: test_backend_compiles_a_loop_per_token_only_within_the_trace_budget);
+    one whose probe raises keeps the cut of a growing loop."""
+    be, p = backends.get(backend), _dense(45)
+    monkeypatch.setattr(backends, "_GROWS", {})
+    monkeypatch.setattr(backends, "_STEADY", {})
+    steady = rewrite(family="test", claim="equivalent", name="steady_loop")(per_token)
+    assert reach(steady, backend, "float32", p) is p
+    failing_probe = rewrite(family="test", claim="equivalent", name="steady_loop_raising")(steady_until(45))
+    assert reach(failing_probe, backend, "float32", p).n_seq == (be.loop_tokens or 45)
+    fixed = rewrite(family="test", claim="equivalent", name="fixed_program")(plain)
+    out = run_rewrite(steady, backend, "float32", p)
+    assert out.shape[-2] == 45
+    np.testing.assert_allclose(out, run_rewrite(fixed, backend, "float32", p), rtol=1e-6)
 
 
 def per_tile(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -259,3 +296,23 @@ def test_a_pinned_real_layer_is_every_rewrite_s_long_layer_and_a_bad_one_is_refu
     assert len({tuple(long(inputs.real_plan(n, b, "float32", 12))) for n, b in pairs}) > 1
     with pytest.raises(ValueError, match=r"real layer 12: the weights have layers 0\.\.11"):
         inputs.real_plan("batched_heads", "numpy", "float32", 12, pinned=12)
+
+
+@pytest.mark.parametrize("shrink_up_to", [None, 64, 100])
+def test_a_failure_longer_than_shrink_up_to_is_kept_as_found(monkeypatch, shrink_up_to):
+    """On a fixed menu of shapes shrinking cannot shorten a long failure, only reseed its
+    dense values: past `shrink_up_to` tokens the failure found is kept (and still cut),
+    while up to it, and with no limit, it is shrunk. Problem i is 100 tokens of seed i (i = 0
+    is 8 tokens, which pass), so shrinking ends at i = 1; the cut is left out to compare."""
+    from hypothesis import strategies as st
+
+    from rewrites.verify import search
+
+    monkeypatch.setattr(search, "to_first_failing_length", lambda s, refs: None)
+    problems = st.integers(0, 10**6).map(
+        lambda i: dataclasses.replace(_dense(8 if i == 0 else 100, seed=i), label=str(i))
+    )
+    s = search.hypothesis_search([problems], Search(window(64), "numpy", "float64", Stage.FORMULA), References(),
+                                 examples=10, shrink_up_to=shrink_up_to)  # fmt: skip
+    assert s.failure is not None and s.failure.n_seq == 100
+    assert (s.failure.label == "1") == (shrink_up_to is None or shrink_up_to >= 100)

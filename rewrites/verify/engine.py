@@ -74,7 +74,8 @@ class Verifier:
             self._known_hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
-            bands = self.config.profile.on(backends.get(backend)).bands(stage is Stage.FORMULA, dtype)
+            profile = self.config.profile.on(backends.get(backend))
+            bands = profile.bands(stage is Stage.FORMULA, dtype)
             explicit = ([first.failure] if first else []) + self._known_hard[stage]
             if rw.kv_heads != "all":  # grouped-KV kernels see problems with tied k, v heads
                 bands, explicit = tuple(b.map(rw.takes) for b in bands), [rw.takes(p) for p in explicit]
@@ -88,7 +89,8 @@ class Verifier:
             # is the same fault, already shrunk and diagnosed in float64; shrinking it again
             # took most of these searches' time (the cut still makes its length exact).
             db, seed = open_database(self.config.database), self.config.seed
-            return hypothesis_search(bands, s, self.refs, self.config.examples, explicit, first is None, db, seed)
+            return hypothesis_search(bands, s, self.refs, self.config.examples, explicit, first is None, db, seed,
+                                     profile.shrink_up_to)  # fmt: skip
 
         return self._results(rw, backend, Inputs.HYPOTHESIS, run)
 

@@ -61,6 +61,9 @@ class Profile:
     #: The same searches for a backend that compiles per shape (`Backend.compiles`): shapes
     #: from a fixed menu (default: this profile's own)
     few_shapes: Profile | None = None
+    #: A failure of more tokens is not shrunk (None: every one is): on a fixed menu shrinking
+    #: cannot shorten it, only reseed its dense values (the cut still makes its length exact)
+    shrink_up_to: int | None = None
 
     def extreme_for(self, dtype: str) -> Bands:
         return self.extreme if dtype in CLAIM_DTYPES or self.extreme_half is None else self.extreme_half
@@ -129,7 +132,7 @@ FULL = _profile(
     "full",
     [dict(ladder=SHORT_BAND)],
     [dict(ladder=LONG_BAND)],
-    _profile("full, few shapes", _pairs(FEW_SHORT), _pairs(FEW_LONG)),
+    dataclasses.replace(_profile("full, few shapes", _pairs(FEW_SHORT), _pairs(FEW_LONG)), shrink_up_to=64),
 )
 # Few distinct short shapes; still two heads, head_dim > 1, a partial tile, a batch.
 _SHORT_SHAPES = dict(max_seq=(1, 2, 3, 5), max_head=(1, 2), max_head_dim=(1, 3), batches=((), (2,)))

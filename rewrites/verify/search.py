@@ -63,6 +63,7 @@ def hypothesis_search(
     shrink: bool = True,
     database: ExampleDatabase | None = None,
     seed: int | None = None,
+    shrink_up_to: int | None = None,
 ) -> Search:
     """Try the `explicit` problems, then search each band of strategies in turn with an
     equal share of `examples` (derandomised: every rewrite sees the same problems), steered
@@ -72,7 +73,10 @@ def hypothesis_search(
     it to its exact first failing length. `s` is filled in. Without `shrink` the first
     failure is kept as found (and still cut). What `database` holds for this search is
     tried before anything else, and what fails is saved there (database.py). `seed`: None
-    for the derandomised search (the same problems every run), else that seed's."""
+    for the derandomised search (the same problems every run), else that seed's.
+    `shrink_up_to`: a failure of more tokens than this is kept as found (a search over a
+    fixed menu of shapes: shrinking cannot shorten it, only reseed its dense values, and on
+    JAX a ring buffer run eagerly at 1025 tokens made each try 3-6 s)."""
     without_local_constants()
     key = unit_key(s.rewrite.source, s.rewrite.name, s.backend, s.dtype, s.stage.value)
     for value, problem in remembered(database, key):
@@ -94,7 +98,7 @@ def hypothesis_search(
     )
 
     def fails(problem: AttentionProblem) -> bool:
-        if smallest and s.examples >= budget:
+        if smallest and (s.examples >= budget or (shrink_up_to is not None and smallest[0].n_seq > shrink_up_to)):
             raise _ShrinkBudgetSpent
         s.examples += 1
         failed = s.failing(problem, refs) is not None
@@ -120,6 +124,10 @@ def hypothesis_search(
         except NoSuchExample:
             pass
         except _ShrinkBudgetSpent:
+            s.failure = smallest[0]
+        except BaseExceptionGroup as e:  # stopped before shrinking began: Hypothesis reports both
+            if e.subgroup(_ShrinkBudgetSpent) is None or not smallest:
+                raise
             s.failure = smallest[0]
     if s.failure is not None:
         to_first_failing_length(s, refs)
