@@ -133,8 +133,8 @@ def _layout_name(rw: Rewrite) -> list[str]:
 
 def reach(rw: Rewrite, backend: str, dtype: str, problem: AttentionProblem) -> AttentionProblem:
     """The problem as `backend` runs `rw` on it: whole, or its first `Backend.tokens` tokens
-    where rw is a loop per token or an unrolled loop per tile there (a causal prefix is a
-    problem of its own)."""
+    where rw is a loop per token whose steps grow or an unrolled loop per tile there (a
+    causal prefix is a problem of its own)."""
     be, impl = backends.get(backend), rw.implementation(backend)
     if not be.compiles or impl is None or problem.n_seq <= backends.PROBE_TOKENS:
         return problem
