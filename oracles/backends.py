@@ -85,12 +85,11 @@ class Backend:
     #: steps keep their shapes (`programs`).
     loop_tokens: int | None = None
     #: fn, *args, most= -> the programs an eager call compiles from empty caches (None: more
-    #: than `most`, where it stops). A loop per token
-    #: whose steps keep their shapes (a ring buffer of fixed slots) compiles as many at 48
-    #: tokens as at 16, and then runs eagerly on every token: ring_buffer_overflow_1000 at 1001
-    #: tokens took 3 s on JAX (38 programs, ~3 ms a step), where a growing cache compiles anew
-    #: every step.
-    programs: Callable[..., int] | None = field(default=None, repr=False)
+    #: than `most`, where it stops). A loop per token whose steps keep their shapes (a ring
+    #: buffer of fixed slots) compiles as many at 48 tokens as at 16, and then runs eagerly
+    #: on every token: ring_buffer_overflow_1000 at 1001 tokens took 3 s on JAX (38
+    #: programs, ~3 ms a step), where a growing cache compiles anew every step.
+    programs: Callable[..., int | None] | None = field(default=None, repr=False)
     #: Make an array handed to untrusted code unwritable: True where it then cannot change
     #: (JAX's arrays never do; NumPy's made read-only), False where it can (PyTorch), so a
     #: call must be checked by comparing copies (execute.py)
@@ -142,7 +141,7 @@ class Backend:
         if growth is Growth.PER_TOKEN and tokens is not None:
             key = (fn, str(args[0].dtype))  # a probe costs 1-3 s: once per function and dtype
             if key not in _STEADY:
-                _STEADY[key] = self._steady(fn, args, static, positions)
+                _STEADY[key] = self._steady(fn, args, positions)
             return None if _STEADY[key] else tokens
         return tokens
 
@@ -174,7 +173,7 @@ class Backend:
                 _GROWS[key] = (Growth.NONE, None, None)
         return _GROWS[key]
 
-    def _steady(self, fn: Callable, args: tuple, static: tuple, positions: tuple) -> bool:
+    def _steady(self, fn: Callable, args: tuple, positions: tuple) -> bool:
         """Whether a loop per token keeps its steps' shapes, so that run eagerly on any
         number of tokens it compiles a fixed set of programs: as many at 3 x PROBE_TOKENS
         tokens as at PROBE_TOKENS, each counted from empty caches (a growing KV cache
@@ -289,7 +288,8 @@ def _jax(device: str) -> Backend:
             return None
         finally:
             limit[0] = None
-        return lowered[0] - before
+        made = lowered[0] - before
+        return None if most is not None and made > most else made  # the fn may swallow _TooMany
 
     return Backend(
         name="jax",

@@ -139,6 +139,18 @@ def growing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return xp.concat(rows, axis=-2) @ c_proj_w
 
 
+def growing_swallowing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
+    """`growing`, each step retried on any exception (a plugin may swallow the probe's stop)."""
+    xp = array_namespace(x)
+    rows = []
+    for t in range(x.shape[-2]):
+        try:
+            rows.append(xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True))
+        except Exception:
+            rows.append(xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True))
+    return xp.concat(rows, axis=-2) @ c_proj_w
+
+
 def steady_until(n: int):
     """per_token, raising past n tokens: a probe that fails must not make a loop steady."""
 
@@ -174,12 +186,14 @@ def test_backend_compiles_a_loop_per_token_only_within_the_trace_budget(backend,
     assert be.runner(plain, args(8), (5,)) is not plain
 
 
-def test_only_growing_per_token_loops_are_cut_and_only_where_the_backend_says(backend):
+@pytest.mark.parametrize("fn", [growing, growing_swallowing])
+def test_only_growing_per_token_loops_are_cut_and_only_where_the_backend_says(backend, fn, monkeypatch):
     """`reach`: a loop per token whose steps grow (a KV cache) runs on the first
     Backend.loop_tokens tokens where the backend sets them; a fixed-size program, and every
     program elsewhere, sees them all."""
     be, p = backends.get(backend), _dense(45)
-    loop = rewrite(family="test", claim="equivalent", name="growing_loop")(growing)
+    monkeypatch.setattr(backends, "_STEADY", {})
+    loop = rewrite(family="test", claim="equivalent", name="growing_loop")(fn)
     fixed = rewrite(family="test", claim="equivalent", name="fixed_program")(plain)
     assert reach(fixed, backend, "float32", p) is p
     assert reach(loop, backend, "float32", p.prefix(8)).n_seq == 8  # short problems are never cut
