@@ -158,11 +158,8 @@ class Backend:
         fixed = tuple(getattr(a, "shape", a) for i, a in enumerate(args[1:], 1) if i not in positions)
         key = (fn, x.shape[:-2], x.shape[-1], str(x.dtype), fixed, positions)
         if key not in _GROWS:
-            at = lambda n, i, a: (  # args[i] as a shape-only array at n tokens, where it has one per token
-                self.abstract((*a.shape[:-2], n, a.shape[-1]), a.dtype) if i == 0
-                else self.abstract((*a.shape[:-1], n), a.dtype) if i in positions else a
-            )  # fmt: skip
-            size = lambda n: self.traces(fn, *(at(n, i, a) for i, a in enumerate(args)), static=static)
+            shape_only = lambda a, axis, shape: self.abstract(shape, a.dtype)
+            size = lambda n: self.traces(fn, *_at_length(args, positions, n, shape_only), static=static)
             short, half = size(PROBE_TOKENS), size(PROBE_TOKENS // 2)
             within = lambda per_token: PROBE_TOKENS + int((TRACE_BUDGET - short) / per_token)  # n at the budget
             if half < short:
@@ -183,14 +180,9 @@ class Backend:
             return False
         xp = self.namespace
 
-        def at(n: int) -> tuple:
-            def stretch(a: Any, axis: int) -> Any:
-                have = a.shape[axis]
-                whole = xp.concat([a] * -(-n // have), axis=axis)
-                return whole[..., :n, :] if axis == -2 else whole[..., :n]
-
-            return tuple(stretch(a, -2) if i == 0 else stretch(a, -1) if i in positions else a
-                         for i, a in enumerate(args))  # fmt: skip
+        def at(n: int) -> tuple:  # args' own values along their tokens, repeated to n
+            repeated = lambda a, axis: xp.concat([a] * -(-n // a.shape[axis]), axis=axis)
+            return _at_length(args, positions, n, lambda a, axis, shape: repeated(a, axis)[tuple(map(slice, shape))])
 
         try:
             few = self.programs(fn, *at(PROBE_TOKENS))
@@ -201,6 +193,18 @@ class Backend:
     def round_trip(self, a: np.ndarray, dtype: str) -> np.ndarray:
         """`a` rounded to `dtype` the way this backend stores it, back in float64."""
         return self.to_numpy(self.asarray(a, dtype))
+
+
+def _at_length(args: tuple, positions: tuple, n: int, make: Callable[[Any, int, tuple], Any]) -> tuple:
+    """args at n tokens: those with a value per token (x along axis -2, the `positions`
+    arguments along axis -1) made by make(a, axis, its shape at n); the others as they are."""
+
+    def at(a: Any, axis: int) -> Any:
+        shape = list(a.shape)
+        shape[axis] = n
+        return make(a, axis, tuple(shape))
+
+    return tuple(at(a, -2) if i == 0 else at(a, -1) if i in positions else a for i, a in enumerate(args))
 
 
 def _numpy(device: str) -> Backend:

@@ -132,11 +132,15 @@ def per_token(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     return xp.concat(rows, axis=-2) @ c_proj_w
 
 
+def _prefix_sum(xp, x, t: int):
+    """Row t of a loop whose steps grow a token each, as a KV cache does: the sum of rows 0..t."""
+    return xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True)  # [..., 1, e]
+
+
 def growing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
-    """A loop per token whose steps grow a token each, as a KV cache does: row t sums rows 0..t."""
+    """A loop per token whose steps grow."""
     xp = array_namespace(x)
-    rows = [xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True) for t in range(x.shape[-2])]
-    return xp.concat(rows, axis=-2) @ c_proj_w
+    return xp.concat([_prefix_sum(xp, x, t) for t in range(x.shape[-2])], axis=-2) @ c_proj_w
 
 
 def growing_swallowing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
@@ -145,9 +149,9 @@ def growing_swallowing(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head):
     rows = []
     for t in range(x.shape[-2]):
         try:
-            rows.append(xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True))
+            rows.append(_prefix_sum(xp, x, t))
         except Exception:
-            rows.append(xp.sum(x[..., : t + 1, :], axis=-2, keepdims=True))
+            rows.append(_prefix_sum(xp, x, t))
     return xp.concat(rows, axis=-2) @ c_proj_w
 
 
