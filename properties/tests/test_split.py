@@ -157,3 +157,41 @@ def test_a_split_run_reports_what_the_whole_task_reports(tmp_path, monkeypatch):
     split = _verify(tmp_path / "split", monkeypatch, SPLIT_BELOW)
     assert whole and all(r["invariance"] and r["invariance"]["witness"] for r in whole), whole
     assert split == whole
+
+
+class _Interrupted:
+    """A pool whose run gives these Dones, then is interrupted (Ctrl-C) while waiting."""
+
+    def __init__(self, dones: list[Done]) -> None:
+        self.dones, self.closed = dones, False
+
+    def run(self, queue, jobs):
+        yield from self.dones
+        raise KeyboardInterrupt
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("first", [Part.VERDICTS, Part.INVARIANCES])
+def test_an_interrupted_split_run_keeps_the_verdicts_that_finished(monkeypatch, first):
+    """Ctrl-C while a split task's other part runs: its finished verdicts are reported, their
+    invariances saying why they are missing; invariances alone have no rows to report."""
+    verdicts, measured = _parts()
+    on_torch = [dataclasses.replace(d, task=dataclasses.replace(d.task, backend="torch")) for d in (verdicts, measured)]
+    pool = _Interrupted([*on_torch, verdicts if first is Part.VERDICTS else measured])
+    monkeypatch.setattr(workers, "Pool", lambda *a: pool)
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for done in workers.stream(Config(), [TASKS[0], TASKS[2]], False, 2):
+            got.append(done)
+    assert pool.closed and got[0].task == Task(REWRITE, "torch")  # both its parts done: merged as ever
+    assert [r.invariance for r in got[0].results] == [MEASURED["float64"], MEASURED["float32"]]
+    if first is Part.INVARIANCES:
+        assert got[1:] == []
+        return
+    (kept,) = got[1:]
+    assert kept.task == Task(REWRITE, "numpy") and kept.results and kept.failure is None
+    assert [r.verdict for r in kept.results] == [r.verdict for r in verdicts.results]
+    for r in kept.results:
+        assert r.invariance["witness"] == dict.fromkeys(NAMES, f"not measured: {workers.INTERRUPTED}")

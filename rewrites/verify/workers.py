@@ -71,6 +71,10 @@ def merged(verdicts: Done, measured: Done) -> Done:
                 verdicts.failure, internal, verdicts.seconds + measured.seconds)  # fmt: skip
 
 
+#: Why a split task's invariances are missing when the run stopped before they were measured.
+INTERRUPTED = "the run was interrupted"
+
+
 def stream(
     config: Config,
     work: Sequence[Task],
@@ -80,8 +84,9 @@ def stream(
     include_plugins: bool = True,
 ) -> Iterator[Done]:
     """Each task's Done as it finishes, in whatever order they finish; every task gives one
-    (a split task once both its parts are done: `split`). Workers are stopped when the
-    iteration ends, however it ends (Ctrl-C included)."""
+    (a split task once both its parts are done: `split`; on Ctrl-C, one whose verdicts are
+    done, with its invariances not measured). Workers are stopped when the iteration ends,
+    however it ends (Ctrl-C included)."""
     if not work:
         return
     parts = split(work, max(1, jobs), config)
@@ -97,6 +102,10 @@ def stream(
                 halves[(done.task.rewrite.identity, done.task.backend)] = done
             else:
                 yield merged(*sorted((done, other), key=lambda d: d.task.part is Part.INVARIANCES))
+    except KeyboardInterrupt:  # verdicts that finished are kept, their invariances not measured
+        for done in [d for d in halves.values() if d.task.part is Part.VERDICTS]:
+            yield merged(done, Done(dataclasses.replace(done.task, part=Part.INVARIANCES), [], failure=INTERRUPTED))
+        raise
     finally:
         pool.close()
 
