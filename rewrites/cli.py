@@ -270,8 +270,9 @@ def _run_verify(
                 progress(_task_line(k, len(work), done, run.start))
     except KeyboardInterrupt:
         with _sigint_ignored():  # a second Ctrl-C must not cut the report short
-            if jobs is not None:
-                jobs.close()
+            for done in workers.held(jobs) if jobs is not None else ():  # it landed here, not in the stream
+                stream.add(done.results)
+                run.add(done)
             stream.finish(run.meta(), interrupted="interrupted")
         where = cfg.report_dir / report.JSONL
         progress(f"interrupted: {stream.done} of {len(work)} rewrite x backend runs done; verdicts in {where}")

@@ -195,3 +195,26 @@ def test_an_interrupted_split_run_keeps_the_verdicts_that_finished(monkeypatch, 
     assert [r.verdict for r in kept.results] == [r.verdict for r in verdicts.results]
     for r in kept.results:
         assert r.invariance["witness"] == dict.fromkeys(NAMES, f"not measured: {workers.INTERRUPTED}")
+
+
+@pytest.mark.parametrize("held", [Part.VERDICTS, Part.INVARIANCES])
+def test_a_ctrl_c_in_the_consumer_keeps_the_verdicts_the_stream_held(monkeypatch, held):
+    """Ctrl-C while the caller writes a Done down, not while the stream waits: the split
+    task whose verdicts the stream held is still reported (`workers.held`), with its
+    invariances saying why they are missing; a held invariances part alone gives nothing."""
+    verdicts, measured = _parts()
+    on_torch = [dataclasses.replace(d, task=dataclasses.replace(d.task, backend="torch")) for d in (verdicts, measured)]
+    pool = _Interrupted([on_torch[0], verdicts if held is Part.VERDICTS else measured, on_torch[1]])
+    monkeypatch.setattr(workers, "Pool", lambda *a: pool)
+    jobs = workers.stream(Config(), [TASKS[0], TASKS[2]], False, 2)
+    assert next(jobs).task == Task(REWRITE, "torch")  # both its parts done; Ctrl-C lands now, in the caller
+    kept = workers.held(jobs)
+    assert pool.closed and workers.held(jobs) == []  # closed: nothing twice
+    if held is Part.INVARIANCES:
+        assert kept == []
+        return
+    (done,) = kept
+    assert done.task == Task(REWRITE, "numpy")
+    assert [r.verdict for r in done.results] == [r.verdict for r in verdicts.results]
+    for r in done.results:
+        assert r.invariance["witness"] == dict.fromkeys(NAMES, f"not measured: {workers.INTERRUPTED}")

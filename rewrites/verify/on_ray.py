@@ -19,7 +19,7 @@ import tempfile
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -134,7 +134,7 @@ def stream(
     timeout: float,
     include_plugins: bool,
     address: str | None = None,
-) -> Iterator[Done]:
+) -> Generator[Done, None, None]:
     """Each unit's Done as it finishes, from `jobs` actors (None: one per CPU of the cluster,
     or per GPU under --device cuda) on the cluster (`cluster`). Actors are stopped when the
     iteration ends, however it ends."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from rewrites.verify import invariance
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from rewrites.verify.engine import Config, Throughput
     from rewrites.verify.verdicts import Result
 
-__all__ = ["DEFAULT_TIMEOUT", "Done", "Task", "run", "split", "stream", "tasks"]
+__all__ = ["DEFAULT_TIMEOUT", "Done", "Task", "held", "run", "split", "stream", "tasks"]
 
 #: Seconds one rewrite x backend may take (`--timeout`). ring_buffer_overflow_1000 on PyTorch
 #: (a loop per token to 2049 tokens) took 499 s beside one other worker and passed 600 s in
@@ -82,7 +82,7 @@ def stream(
     jobs: int,
     timeout: float = DEFAULT_TIMEOUT,
     include_plugins: bool = True,
-) -> Iterator[Done]:
+) -> Generator[Done, None, None]:
     """Each task's Done as it finishes, in whatever order they finish; every task gives one
     (a split task once both its parts are done: `split`; on Ctrl-C, one whose verdicts are
     done, with its invariances not measured). Workers are stopped when the iteration ends,
@@ -108,6 +108,22 @@ def stream(
         raise
     finally:
         pool.close()
+
+
+def held(jobs: Generator[Done, None, None]) -> list[Done]:
+    """What a stream still holds when Ctrl-C lands in its consumer (writing a Done down)
+    rather than in the stream: the interrupt is thrown into it, so that it gives what it
+    gives on a Ctrl-C of its own (`stream`: the split tasks whose verdicts finished), and
+    it is closed. A stream that is over, or holds nothing, gives []."""
+    got: list[Done] = []
+    try:
+        got.append(jobs.throw(KeyboardInterrupt))
+        got.extend(jobs)
+    except (KeyboardInterrupt, StopIteration):
+        pass
+    finally:
+        jobs.close()
+    return got
 
 
 def run(
