@@ -1,12 +1,15 @@
-"""Faults past a head count, a head_dim or a batch size: the thresholds of kernels that
-choose a path by shape (16 or 32 heads, head_dim above 128, 16 or 32 batch items). `verify`
-tries shapes past each before its searches (inputs.known_hard: 33 heads, head_dim 256, a
-batch of 3 x 11 items; its searches draw them too), so such a fault is found whatever the
-search draws; before, with 12 heads, head_dim 128 and 15 items at most, each of these was
-`equivalent` on NumPy in float64 and float32. Both sides: the right formula stays unflagged."""
+"""Faults past a head count, a head_dim, a batch size or the searches' longest length: the
+thresholds of kernels that choose a path by shape (16 or 32 heads, head_dim above 128, 16 or
+32 batch items) and of 4096-token windows (Mistral's). `verify` tries shapes past each before
+its searches (inputs.known_hard: 33 heads, head_dim 256, a batch of 3 x 11 items, 4097
+tokens; its searches draw all but the last too), so such a fault is found whatever the
+search draws; before, with 12 heads, head_dim 128, 15 items and 2049 tokens at most, each of
+these was `equivalent` on NumPy in float64 and float32. Both sides: the right formula stays
+unflagged, at 4097 tokens too."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -17,10 +20,14 @@ from rewrites.registry import rewrite
 from rewrites.verify import Config, Verdict, Verifier, inputs
 
 
-def shape_faulted(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None, factor=None, batch=None):
-    """Attention, wrong past the given head count, head_dim or batch size (None: never)."""
+def shape_faulted(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None, factor=None, batch=None,
+                  window=None):  # fmt: skip
+    """Attention, wrong past the given head count, head_dim, batch size or window (None: never)."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     z = logits(xp, q, k)  # [..., H, n, n]
+    if window is not None:  # query i sees keys i - window + 1 .. i
+        n = z.shape[-1]
+        z = xp.where(xp.arange(n)[:, None] - xp.arange(n)[None, :] < window, z, -math.inf)
     if heads is not None and n_head >= heads:  # the last head attends with head 0's logits
         z = xp.concat([z[..., : n_head - 1, :, :], z[..., :1, :, :]], axis=-3)
     if factor is not None and q.shape[-1] > factor:  # scaled by 1/sqrt(factor) (a head_dim cap)
@@ -39,6 +46,7 @@ FAULTS = {
     "past_head_dim_128": (dict(factor=128), lambda s: s["head_dim"] > 128),
     "from_16_items": (dict(batch=16), lambda s: math.prod(s["batch"]) >= 16),
     "from_32_items": (dict(batch=32), lambda s: math.prod(s["batch"]) >= 32),
+    "window_4096": (dict(window=4096), lambda s: s["n_seq"] > 4096),
 }
 
 
@@ -46,8 +54,9 @@ FAULTS = {
 def verdicts(tmp_path_factory):
     """name, fault -> its float64 and float32 Results on NumPy: `verify`'s explicit examples,
     then pytest's quick searches."""
+    quick = dataclasses.replace(inputs.QUICK, explicit_up_to=None)  # `verify`'s explicit examples, all of them
     config = Config(examples=4, report_dir=tmp_path_factory.mktemp("report"), dtypes=("float64", "float32"),
-                    profile=inputs.QUICK, invariance=False)  # fmt: skip
+                    profile=quick, invariance=False)  # fmt: skip
     verifier = Verifier(config)
 
     def run(name: str, **fault):
@@ -65,6 +74,8 @@ def test_a_fault_past_a_shape_threshold_is_found(verdicts, name):
     for r in verdicts(name, **fault):
         assert r.verdict is Verdict.INEQUIVALENT, r
         assert crosses(r.counterexample.shape), r.counterexample.shape
+        if "window" in fault:  # the exact first failing length, cut from the explicit example
+            assert r.counterexample.first_fails_at == fault["window"] + 1 == inputs.LONGEST_KNOWN_HARD
 
 
 def test_the_right_formula_is_not_flagged_on_those_shapes(verdicts):

@@ -71,7 +71,9 @@ class Verifier:
     def hypothesis_results(self, rw: Rewrite, backend: str) -> list[Result]:
         if not self._known_hard:
             on = self.config.explicit_examples
-            self._known_hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
+            most = self.config.profile.explicit_up_to
+            hard = {stage: inputs.known_hard(stage is Stage.FORMULA) if on else [] for stage in Stage}
+            self._known_hard = {stage: [p for p in ps if most is None or p.n_seq <= most] for stage, ps in hard.items()}
 
         def run(dtype: str, stage: Stage, first: Search | None) -> Search:
             profile = self.config.profile.on(backends.get(backend))
