@@ -3,14 +3,14 @@ examples of known hard cases.
 
 Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
 `LENGTH_LADDER`, 1 to 2049, and lengths between them; 4097 in an explicit example), with
-head_dim up to 128 (256 on JAX's menu and in the explicit examples), up to 33 heads and batches of up to 3 x 11 items,
-dense content at long lengths (see `properties.strategies`); in float16 and bfloat16, whose
-NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2 layers are seen
-at the full context: in float64 and float32 each rewrite x backend sees one of the 12
-layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the rewrite's
-name and the backend so that the three backends see layers four apart and a catalogue run
-covers all 12; float16 and bfloat16 see that layer at 256; every backend and dtype also
-sees all 12 layers at 16 tokens.
+head_dim up to 128 (256 on JAX's menu and in the explicit examples), up to 33 heads and
+batches of up to 3 x 11 items, dense content at long lengths (see `properties.strategies`);
+in float16 and bfloat16, whose NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2
+layers are seen at the full context: in float64 and float32 each rewrite x backend sees one
+of the 12 layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the
+rewrite's name and the backend so that the three backends see layers four apart and a
+catalogue run covers all 12; float16 and bfloat16 see that layer at 256; every backend and
+dtype also sees all 12 layers at 16 tokens.
 """
 
 from __future__ import annotations
@@ -258,7 +258,8 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
 def attention_sink(p: AttentionProblem, logit: float = 12.0) -> AttentionProblem:
     """p (one head) with token 0 an attention sink, as trained models make their first
     token (StreamingLLM): every query's logit for key 0 near `logit` (the queries share a
-    direction u through their bias, k_0 = 6u), 12 taking most of each row's weight. With
+    direction u through their bias, and k_0 lies along it); at 12, a median 90% of a row's
+    weight on the 4097-token example. With
     diffuse weights, a key lost from a 4097-token row (a window's) moves the output by
     about 1/4097 of a value, as much as float32's own error bound admits at that length, so
     float32 judged a 4096-token window `equivalent` on such a problem; the sink's loss
