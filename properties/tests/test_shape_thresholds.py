@@ -1,11 +1,11 @@
 """Faults past a head count, a head_dim, a batch size or the searches' longest length: the
-thresholds of kernels that choose a path by shape (16 or 32 heads, head_dim above 128, 16 or
-32 batch items) and of 4096-token windows (Mistral's). `verify` tries shapes past each before
-its searches (inputs.known_hard: 33 heads, head_dim 256, a batch of 3 x 11 items, 4097
-tokens; its searches draw all but the last too), so such a fault is found whatever the
-search draws; before, with 12 heads, head_dim 128, 15 items and 2049 tokens at most, each of
-these was `equivalent` on NumPy in float64 and float32. Both sides: the right formula stays
-unflagged, at 4097 tokens too."""
+thresholds of kernels that choose a path by shape (16, 32 or 64 heads, head_dim above 128,
+16, 32 or 64 batch items) and of 4096-token windows (Mistral's). `verify` tries shapes past
+each before its searches (inputs.known_hard: 65 heads, head_dim 256, a batch of 5 x 13
+items, 4097 tokens; its searches draw 33 heads, head_dim 128, 3 x 11 items and 2049 tokens
+at most), so such a fault is found whatever the search draws; before, with 12 heads,
+head_dim 128, 15 items and 2049 tokens at most, each of these was `equivalent` on NumPy in
+float64 and float32. Both sides: the right formula stays unflagged, on those shapes too."""
 
 from __future__ import annotations
 
@@ -43,9 +43,11 @@ def shape_faulted(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None,
 FAULTS = {
     "from_16_heads": (dict(heads=16), lambda s: s["n_head"] >= 16),
     "from_32_heads": (dict(heads=32), lambda s: s["n_head"] >= 32),
+    "from_64_heads": (dict(heads=64), lambda s: s["n_head"] >= 64),
     "past_head_dim_128": (dict(factor=128), lambda s: s["head_dim"] > 128),
     "from_16_items": (dict(batch=16), lambda s: math.prod(s["batch"]) >= 16),
     "from_32_items": (dict(batch=32), lambda s: math.prod(s["batch"]) >= 32),
+    "from_64_items": (dict(batch=64), lambda s: math.prod(s["batch"]) >= 64),
     "window_4096": (dict(window=4096), lambda s: s["n_seq"] > 4096),
 }
 

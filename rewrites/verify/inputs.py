@@ -4,13 +4,13 @@ examples of known hard cases.
 Synthetic problems cross the lengths where real rewrites change behaviour (the rungs of
 `LENGTH_LADDER`, 1 to 2049, and lengths between them; 4097 in an explicit example), with
 head_dim up to 128 (256 on JAX's menu and in the explicit examples), up to 33 heads and
-batches of up to 3 x 11 items, dense content at long lengths (see `properties.strategies`);
-in float16 and bfloat16, whose NumPy matmuls have no BLAS, up to 257 tokens. Real GPT-2
-layers are seen at the full context: in float64 and float32 each rewrite x backend sees one
-of the 12 layers at n_seq 1024 and another at 1000 (not a power of two), chosen from the
-rewrite's name and the backend so that the three backends see layers four apart and a
-catalogue run covers all 12; float16 and bfloat16 see that layer at 256; every backend and
-dtype also sees all 12 layers at 16 tokens.
+batches of up to 3 x 11 items (65 and 5 x 13 in the explicit examples), dense content at
+long lengths (see `properties.strategies`); in float16 and bfloat16, whose NumPy matmuls
+have no BLAS, up to 257 tokens. Real GPT-2 layers are seen at the full context: in float64
+and float32 each rewrite x backend sees one of the 12 layers at n_seq 1024 and another at
+1000 (not a power of two), chosen from the rewrite's name and the backend so that the three
+backends see layers four apart and a catalogue run covers all 12; float16 and bfloat16 see
+that layer at 256; every backend and dtype also sees all 12 layers at 16 tokens.
 """
 
 from __future__ import annotations
@@ -233,9 +233,10 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
 
     if stage_is_formula:  # moderate inputs only: a failure here means a wrong formula
         # four heads: two groups of two for grouped-KV kernels, where a wrong head map shows;
-        # then an odd head count, a batch of 3 x 11 items (odd, more than 32, two
-        # dimensions), 33 heads and head_dim 256 (past the thresholds of kernels that choose a
-        # path by head count or head_dim; the shapes of the JAX menu's, so they compile once):
+        # then an odd head count, a batch of 5 x 13 items (odd, more than 64, two
+        # dimensions), 65 heads and head_dim 256 (past the thresholds of kernels that choose a
+        # path by batch, head count or head_dim: 16, 32, 64; the searches go to 3 x 11 items
+        # and 33 heads):
         # after the long one, so a fault that every input shows keeps it as its counterexample
         # (cut short), unbatched; last, the dearest: 4097 tokens, past the 4096-token
         # windows and caches real models ship (Mistral), which the searches (to 2049) never
@@ -243,8 +244,8 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
         # with an attention sink (`attention_sink`)
         return [dense(1025, 4, 32, label="full context + 1, four heads of 32"),
                 dense(7, 3, 2, label="three heads"),
-                dense(7, 2, 3, batch=(3, 11), label="a batch of 3 x 11 items"),
-                dense(17, 33, 1, batch=(2,), label="33 heads"),
+                dense(7, 2, 3, batch=(5, 13), label="a batch of 5 x 13 items"),
+                dense(17, 65, 1, batch=(2,), label="65 heads"),
                 dense(33, 1, 256, label="head_dim 256"),
                 attention_sink(dense(LONGEST_KNOWN_HARD, 1, 4, label="past 4096 tokens, a sink at token 0")),
                 ]  # fmt: skip
