@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 
-from rewrites.common import heads_qkv, logits, project_out, softmax
+from rewrites.common import causal, heads_qkv, logits, project_out, softmax
 from rewrites.registry import rewrite
 from rewrites.verify import Config, Verdict, Verifier, inputs
 
@@ -25,9 +25,9 @@ def shape_faulted(x, c_attn_w, c_attn_b, c_proj_w, c_proj_b, n_head, heads=None,
     """Attention, wrong past the given head count, head_dim, batch size or window (None: never)."""
     xp, q, k, v = heads_qkv(x, c_attn_w, c_attn_b, n_head)
     z = logits(xp, q, k)  # [..., H, n, n]
-    if window is not None:  # query i sees keys i - window + 1 .. i
+    if window is not None:  # query i sees keys i - window + 1 .. i, as sliding_window_300 does
         n = z.shape[-1]
-        z = xp.where(xp.arange(n)[:, None] - xp.arange(n)[None, :] < window, z, -math.inf)
+        z = xp.where(causal(xp, n, n, offset=-window), -math.inf, z)
     if heads is not None and n_head >= heads:  # the last head attends with head 0's logits
         z = xp.concat([z[..., : n_head - 1, :, :], z[..., :1, :, :]], axis=-3)
     if factor is not None and q.shape[-1] > factor:  # scaled by 1/sqrt(factor) (a head_dim cap)

@@ -247,7 +247,7 @@ def known_hard(stage_is_formula: bool) -> list[AttentionProblem]:
                 dense(7, 2, 3, batch=(5, 13), label="a batch of 5 x 13 items"),
                 dense(17, 65, 1, batch=(2,), label="65 heads"),
                 dense(33, 1, 256, label="head_dim 256"),
-                attention_sink(dense(LONGEST_KNOWN_HARD, 1, 4, label="past 4096 tokens, a sink at token 0")),
+                attention_sink(dense(LONGEST_KNOWN_HARD, 1, 4, label="past 4096 tokens, a sink at token 0"))
                 ]  # fmt: skip
     return [  # large logits: only instabilities show here, so only the dtype searches try them
         dense(5, 2, 3, q=3e4, label="logits near 1e4 (additive -1e4 masks leak)"),
@@ -260,11 +260,10 @@ def attention_sink(p: AttentionProblem, logit: float = 12.0) -> AttentionProblem
     """p (one head) with token 0 an attention sink, as trained models make their first
     token (StreamingLLM): every query's logit for key 0 near `logit` (the queries share a
     direction u through their bias, and k_0 lies along it); at 12, a median 90% of a row's
-    weight on the 4097-token example. With
-    diffuse weights, a key lost from a 4097-token row (a window's) moves the output by
-    about 1/4097 of a value, as much as float32's own error bound admits at that length, so
-    float32 judged a 4096-token window `equivalent` on such a problem; the sink's loss
-    shows in every dtype."""
+    weight on the 4097-token example. With diffuse weights, a key lost from a 4097-token
+    row (a window's) moves the output by about 1/4097 of a value, as much as float32's own
+    error bound admits at that length, so float32 judged a 4096-token window `equivalent`
+    on such a problem; the sink's loss shows in every dtype."""
     if p.n_head != 1 or p.x.ndim != 2:
         raise ValueError(f"an attention sink is made for one head, unbatched, not {p.n_head} heads of {p.x.shape}")
     e = p.n_embd
